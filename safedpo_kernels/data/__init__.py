@@ -1,0 +1,57 @@
+"""Safety-preference data: load, select (T(D) and baselines), tokenize, collate; offline fixtures.
+
+    from safedpo_kernels.data import load_pairs, select_pairs, tokenize_pairs, PaddedPairCollator
+    ds, load_report = load_pairs("PKU-Alignment/PKU-SafeRLHF-30K", split="train")   # or "fixture:pku_tiny"
+    ds, sel_report = select_pairs(ds, "safedpo")
+    tok_ds, tok_report = tokenize_pairs(ds, tokenizer, max_length=512)
+    batch = PaddedPairCollator(tokenizer.pad_token_id)(list(tok_ds.select(range(8))))
+
+Names are imported lazily: importing this package does not import ``datasets`` or ``transformers``
+(only the functions that need them do, when called). See docs/data.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "load_pairs": "load",
+    "fixture_path": "load",
+    "load_fixture_tokenizer": "load",
+    "select_pairs": "selections",
+    "SELECTIONS": "selections",
+    "tokenize_pairs": "tokenize",
+    "build_prompts": "tokenize",
+    "DEFAULT_TEMPLATE": "tokenize",
+    "PaddedPairCollator": "collate",
+    "PackedPairCollator": "collate",
+    "shift_packed_labels": "collate",
+    "judge_response": "judge",
+    "LoadReport": "reports",
+    "SelectionReport": "reports",
+    "TokenizeReport": "reports",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from safedpo_kernels.data.collate import PackedPairCollator, PaddedPairCollator, shift_packed_labels
+    from safedpo_kernels.data.judge import judge_response
+    from safedpo_kernels.data.load import fixture_path, load_fixture_tokenizer, load_pairs
+    from safedpo_kernels.data.reports import LoadReport, SelectionReport, TokenizeReport
+    from safedpo_kernels.data.selections import SELECTIONS, select_pairs
+    from safedpo_kernels.data.tokenize import DEFAULT_TEMPLATE, build_prompts, tokenize_pairs
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'safedpo_kernels.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"safedpo_kernels.data.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
