@@ -22,7 +22,7 @@ Padding-free layout (``PackedPairCollator``): the 2B sequences concatenated (cho
                                    shift by one never predicts across a sequence boundary
     flags and refs as above
 
-    hidden = model(input_ids, position_ids=position_ids).last_hidden_state   # packing-aware attention
+    hidden = model(input_ids, position_ids=position_ids, use_cache=False).last_hidden_state  # use_cache=False: else attention crosses sequences
     loss_fn(lm_head.weight, hidden, shift_packed_labels(labels), flags..., cu_seqlens=cu_seqlens)
 
 ``shift_packed_labels`` shifts left by one and appends ``ignore_index``, so hidden and target keep the
