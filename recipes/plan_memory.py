@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Per-GPU memory plan of a train_safedpo.py config, from the model config alone (meta device, no weights).
+
+    python recipes/plan_memory.py --config recipes/configs/llama2_13b_8x80gb.yaml --gpus 8 --gpu-mem 80
+
+What is counted (FSDP2 as the recipe sets it up; "GB" here means GiB, 2**30 bytes):
+  parameters   fp32 master shards                           4 P / N
+  gradients    fp32 shards                                  4 P / N
+  optimizer    AdamW exp_avg + exp_avg_sq, fp32 shards      8 P / N
+  reference    live mode: a second fp32-sharded copy        4 P / N   (precompute mode: 0)
+  gathers      the root unit (embeddings, head, final norm) gathered for the whole step in the compute
+               dtype, plus two decoder layers in flight (current + prefetched), plus one layer's
+               unsharded gradient in the compute dtype and in fp32 for the reduce-scatter
+  activations  per-layer checkpointing: each layer's input (tokens x hidden, compute dtype) is kept;
+               backward recomputes one layer at a time: its activations and their gradients
+               (without checkpointing: every layer's activations)
+  loss path    our fused head: last hidden state + its gradient and the chunk buffers of
+               linear_logprobs; never tokens x vocab (the naive logits are printed for comparison)
+  overhead     CUDA context, allocator fragmentation and workspaces: a fixed 3 GB
+
+P is counted on the meta model (tied weights once), N = --gpus, tokens = the worst micro-batch per
+GPU: 2 x micro_batch_size x max_length for pair objectives (B chosen + B rejected rows, padded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+try:  # python recipes/plan_memory.py (the folder is on sys.path) or import recipes.plan_memory
+    from train_safedpo import _decoder_layers, load_config
+except ImportError:  # pragma: no cover - import as a package module
+    from recipes.train_safedpo import _decoder_layers, load_config
+
+GB = 2**30  # GiB: GPU memory sizes ("80 GB" cards hold 80 GiB) are quoted in binary units
+OVERHEAD_GB = 3.0
+CHUNK_BUFFER_BYTES = 3 * 64 * 2**20  # linear_logprobs' torch path: 3 live fp32 (chunk x vocab) buffers
+
+# Public config.json values of the models the shipped configs name, so the planner runs offline.
+KNOWN_CONFIGS = {
+    "meta-llama/Llama-2-7b-hf": dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
+                                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                                     vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False),
+    "meta-llama/Llama-2-13b-hf": dict(model_type="llama", hidden_size=5120, intermediate_size=13824,
+                                      num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                                      vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False),
+    "Qwen/Qwen2.5-1.5B": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                              num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                              max_position_embeddings=131072, tie_word_embeddings=True),
+    "Qwen/Qwen2.5-7B": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                            num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                            max_position_embeddings=131072, tie_word_embeddings=False),
+}
+KNOWN_CONFIGS["meta-llama/Llama-2-7b-chat-hf"] = KNOWN_CONFIGS["meta-llama/Llama-2-7b-hf"]
+KNOWN_CONFIGS["meta-llama/Llama-2-13b-chat-hf"] = KNOWN_CONFIGS["meta-llama/Llama-2-13b-hf"]
+KNOWN_CONFIGS["Qwen/Qwen2.5-1.5B-Instruct"] = KNOWN_CONFIGS["Qwen/Qwen2.5-1.5B"]
+KNOWN_CONFIGS["Qwen/Qwen2.5-7B-Instruct"] = KNOWN_CONFIGS["Qwen/Qwen2.5-7B"]
+
+
+def hf_config(cfg: dict):
+    """The transformers config of ``cfg``: model_config, a local folder, a known hub id, or the hub."""
+    from transformers import AutoConfig
+
+    if cfg["model_config"] is not None:
+        kwargs = dict(cfg["model_config"])
+        kwargs.setdefault("vocab_size", 32000)
+        return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    name = cfg["model_name_or_path"]
+    if Path(name).is_dir() or name not in KNOWN_CONFIGS:
+        return AutoConfig.from_pretrained(name, revision=cfg["model_revision"],
+                                          trust_remote_code=cfg["trust_remote_code"])
+    kwargs = dict(KNOWN_CONFIGS[name])
+    return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+
+
+def count_params(config) -> tuple[int, int, int]:
+    """(total, per decoder layer, number of layers) counted on the meta device; tied weights once."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    layers = _decoder_layers(model)
+    total = sum(p.numel() for p in model.parameters())
+    per_layer = sum(p.numel() for p in layers[0].parameters())
+    return total, per_layer, len(layers)
+
+
+def layer_activation_values(config, liger: bool) -> int:
+    """Values per token one decoder layer keeps for backward (flash/SDPA attention: no T x T)."""
+    h, i = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", heads) or heads
+    kvd = kv * (getattr(config, "head_dim", None) or h // heads)
+    norms = 2 * h if liger else 4 * h  # Liger's RMSNorm saves input + rstd only
+    attn = 2 * h + 2 * kvd + h + 2 * h  # q, k (+ rotated q, k), v, attention output, o_proj and residual
+    mlp = 2 * i if liger else 4 * i  # gate, up (+ act(gate), product without Liger's SwiGLU)
+    return norms + attn + mlp + h
+
+
+def plan(cfg: dict, gpus: int, gpu_mem_gb: float) -> dict:
+    """The memory plan of a validated recipe config on ``gpus`` GPUs of ``gpu_mem_gb`` GB each."""
+    if gpus < 1 or gpu_mem_gb <= 0:
+        raise ValueError(f"gpus / gpu_mem: expected >= 1 and > 0, got {gpus} / {gpu_mem_gb}")
+    config = hf_config(cfg)
+    total, per_layer, n_layers = count_params(config)
+    root = total - per_layer * n_layers
+    compute_bytes = 4 if cfg["mixed_precision"] == "fp32" else 2  # auto on GPU -> bf16
+    rows = 2 if cfg["objective"] != "sft" or cfg["sft_responses"] == "both" else 1
+    tokens = rows * cfg["micro_batch_size"] * cfg["max_length"]
+    h, vocab = config.hidden_size, config.vocab_size
+    act_layer = layer_activation_values(config, cfg["liger_kernels"]) * compute_bytes * tokens
+    if cfg["activation_checkpointing"]:
+        activations = n_layers * tokens * h * compute_bytes + 2 * act_layer  # saved inputs + one recompute
+    else:
+        activations = n_layers * act_layer + act_layer
+    parts = {
+        "parameters (fp32 shards)": 4 * total / gpus,
+        "gradients (fp32 shards)": 4 * total / gpus,
+        "optimizer (AdamW fp32 shards)": 8 * total / gpus,
+        "reference model": 4 * total / gpus if cfg["reference_mode"] == "live" and cfg["objective"] != "sft" else 0.0,
+        "gathers + reduce buffers": (root * compute_bytes + 2 * per_layer * compute_bytes
+                                     + per_layer * (compute_bytes + 4)),
+        "activations (checkpointed)" if cfg["activation_checkpointing"] else "activations": activations,
+        "loss path (fused head)": tokens * h * (compute_bytes + 4) + CHUNK_BUFFER_BYTES,
+        "overhead (context, fragmentation)": OVERHEAD_GB * GB,
+    }
+    parts_gb = {k: v / GB for k, v in parts.items()}
+    total_gb = sum(parts_gb.values())
+    naive_logits_gb = tokens * vocab * (compute_bytes + 4 + 4) / GB  # logits, fp32 upcast, fp32 grad
+    return {
+        "model": cfg["model_name_or_path"] or cfg["model_config"]["model_type"],
+        "params_b": total / 1e9, "layers": n_layers, "gpus": gpus, "gpu_mem_gb": gpu_mem_gb,
+        "tokens_per_gpu_microbatch": tokens, "compute_dtype": "fp32" if compute_bytes == 4 else "bf16",
+        "reference_mode": cfg["reference_mode"], "parts_gb": parts_gb, "total_gb": total_gb,
+        "fits": total_gb <= gpu_mem_gb, "naive_logits_extra_gb": naive_logits_gb,
+    }
+
+
+def format_plan(p: dict) -> str:
+    lines = [f"{p['model']}: {p['params_b']:.2f}B parameters, {p['layers']} layers, {p['gpus']} GPUs x "
+             f"{p['gpu_mem_gb']:g} GiB, {p['tokens_per_gpu_microbatch']} tokens per GPU micro-batch, "
+             f"{p['compute_dtype']} compute, reference {p['reference_mode']}"]
+    width = max(len(k) for k in p["parts_gb"])
+    lines += [f"  {k:<{width}}  {v:7.2f} GiB" for k, v in p["parts_gb"].items()]
+    lines.append(f"  {'total per GPU':<{width}}  {p['total_gb']:7.2f} GiB  -> "
+                 f"{'FITS' if p['fits'] else 'DOES NOT FIT'} in {p['gpu_mem_gb']:g} GiB")
+    lines.append(f"  (materialized logits would add {p['naive_logits_extra_gb']:.2f} GiB)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    p = plan(load_config(args.config, args.overrides), args.gpus, args.gpu_mem)
+    print(json.dumps(p, indent=2) if args.json else format_plan(p))
+    return 0 if p["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

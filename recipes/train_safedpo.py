@@ -1,0 +1,1064 @@
+#!/usr/bin/env python
+"""SafeDPO / DPO / SFT full fine-tuning with FSDP2, the loss computed from hidden states.
+
+Launch (one node; N GPUs, or N CPU ranks with gloo):
+    torchrun --nproc_per_node=N recipes/train_safedpo.py --config recipes/configs/tiny_cpu.yaml [key=value ...]
+Multi-node (the same command on every node; shared filesystem for output_dir):
+    torchrun --nnodes=M --nproc_per_node=N --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+        --rdzv_id=JOB recipes/train_safedpo.py --config C
+In-process, world size 1 (other scripts, tests):
+    from recipes.train_safedpo import run; result = run({"model_config": {...}, ...})
+
+How the loss reaches the lm_head weight (see docs/recipe.md): every decoder layer is an FSDP2 unit, and
+the root unit is :class:`PolicyWithLoss`, whose forward runs the base model and then our fused loss on
+``lm_head.weight``. The logits are never materialized, FSDP reduce-scatters the head's gradient, and
+tied embeddings stay tied. Keys and defaults of the config: ``CONFIG_SCHEMA`` below (one place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+
+_ROOT = Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("safedpo_kernels") is None:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(_ROOT))
+
+from safedpo_kernels import FusedLinearDPOLoss, FusedLinearSafeDPOLoss, linear_logprobs, sequence_logps
+
+IGNORE_INDEX = -100
+OBJECTIVES = ("safedpo", "dpo", "sft")
+SELECTIONS = ("auto", "safedpo", "better", "safer", "safe_better")
+
+# ---------------------------------------------------------------------------------------------
+# Config: every key, its default and its check. YAML files override; unknown keys are errors.
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_int(v, lo=None):
+    return isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo)
+
+
+def _is_num(v, lo=None, hi=None):
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return ok and (lo is None or v >= lo) and (hi is None or v <= hi)
+
+
+def _choice(*options):
+    return (lambda v: v in options), f"one of {list(options)}"
+
+
+def _opt(check, what):
+    return (lambda v: v is None or check(v)), f"null or {what}"
+
+
+_STR = (lambda v: isinstance(v, str) and v != "", "a non-empty string")
+_BETAS = (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_num(b, 0, 0.999999) for b in v),
+          "a list of two numbers in [0, 1)")
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+
+
+def _int(lo):
+    return (lambda v: _is_int(v, lo)), f"an integer >= {lo}"
+
+
+def _num(lo=None, hi=None, what="a finite number"):
+    return (lambda v: _is_num(v, lo, hi)), what
+
+
+CONFIG_SCHEMA: dict[str, tuple[Any, tuple[Callable[[Any], bool], str]]] = {
+    # --- model ---
+    "model_name_or_path": (None, _opt(*_STR)),  # hub id or local folder (from_pretrained)
+    "model_config": (None, _opt(lambda v: isinstance(v, dict) and "model_type" in v, "a mapping with model_type")),
+    "model_revision": (None, _opt(*_STR)),
+    "trust_remote_code": (False, _BOOL),
+    "tokenizer": ("model", _STR),  # "model" (same as model_name_or_path) | "fixture" | hub id / path
+    "attn_implementation": ("auto", _choice("auto", "sdpa", "eager", "flash_attention_2")),
+    "liger_kernels": (False, _BOOL),  # Liger's RMSNorm / RoPE / SwiGLU patches; head + loss stay ours
+    "activation_checkpointing": (True, _BOOL),
+    "mixed_precision": ("auto", _choice("auto", "bf16", "fp32")),  # auto: bf16 compute on GPU, fp32 on CPU
+    "device": ("auto", _choice("auto", "cpu", "cuda")),
+    "backend": ("auto", _choice("auto", "gloo", "nccl")),
+    # --- data ---
+    "dataset": ("fixture:pku_tiny", _STR),
+    "dataset_config": (None, _opt(*_STR)),
+    "train_split": ("train", _STR),
+    "eval_split": ("test", _opt(*_STR)),
+    "train_limit": (None, _opt(*_int(1))),
+    "eval_limit": (None, _opt(*_int(1))),
+    "selection": ("auto", _choice(*SELECTIONS)),  # auto: safedpo -> "safedpo", dpo / sft -> "better"
+    "max_length": (512, _int(8)),
+    "sft_responses": ("chosen", _choice("chosen", "both")),
+    # --- objective ---
+    "objective": ("safedpo", _choice(*OBJECTIVES)),
+    "beta": (0.1, _num(1e-12, what="a number > 0")),
+    "delta": (10.0, _num(0.0, what="a number >= 0")),
+    "average_log_prob": (False, _BOOL),
+    "loss_impl": ("auto", _choice("auto", "torch", "triton")),
+    "reference_mode": ("precompute", _choice("precompute", "live")),
+    "reference_cache_dir": (None, _opt(*_STR)),  # default: <output_dir>/reference_cache
+    # --- optimization ---
+    "seed": (0, _int(0)),
+    "epochs": (1, _int(1)),
+    "max_steps": (None, _opt(*_int(1))),  # caps the optimizer steps (else epochs x steps per epoch)
+    "micro_batch_size": (1, _int(1)),  # pairs (sft: sequences) per rank per micro-batch
+    "grad_accum_steps": (1, _int(1)),
+    "lr": (5e-7, _num(0.0, what="a number >= 0")),
+    "weight_decay": (0.0, _num(0.0, what="a number >= 0")),
+    "adam_betas": ([0.9, 0.999], _BETAS),
+    "adam_eps": (1e-8, _num(1e-30, what="a number > 0")),
+    "warmup_steps": (0, _int(0)),
+    "min_lr_ratio": (0.0, _num(0.0, 1.0, "a number in [0, 1]")),
+    "max_grad_norm": (1.0, _opt(*_num(1e-12, what="a number > 0"))),
+    # --- observability, evaluation, checkpoints ---
+    "output_dir": ("outputs/safedpo", _STR),
+    "log_every": (1, _int(1)),
+    "eval_every": (0, _int(0)),  # 0: evaluate only at the end
+    "eval_at_start": (True, _BOOL),
+    "eval_batch_size": (4, _int(1)),
+    "save_every": (0, _int(0)),  # 0: checkpoint only at the end
+    "keep_checkpoints": (2, _int(1)),
+    "resume": (False, _BOOL),  # continue from the newest complete checkpoint under output_dir
+    "export_hf": (True, _BOOL),
+    "export_dtype": ("float32", _choice("float32", "bfloat16")),
+    "plot": (True, _BOOL),
+    "progress_bar": (True, _BOOL),
+    "debug_dump_grads": (None, _opt(*_STR)),  # save full gradients after the first backward (tests)
+}
+
+
+_FLOAT_KEYS = ("beta", "delta", "lr", "weight_decay", "adam_eps", "min_lr_ratio", "max_grad_norm")
+
+
+def validate_config(raw: dict) -> dict:
+    """Defaults from CONFIG_SCHEMA, overridden by ``raw``; ValueError naming the offending key."""
+    if not isinstance(raw, dict):
+        raise TypeError(f"config: expected a mapping of keys to values, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(CONFIG_SCHEMA))
+    if unknown:
+        raise ValueError(f"config key {unknown[0]!r}: unknown key (known keys: {', '.join(CONFIG_SCHEMA)})")
+    cfg = {k: raw.get(k, default) for k, (default, _) in CONFIG_SCHEMA.items()}
+    for key in _FLOAT_KEYS:  # YAML 1.1 reads `1e-6` (no dot) as a string
+        if isinstance(cfg[key], str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", cfg[key].strip()):
+            cfg[key] = float(cfg[key])
+    for key, (_, (check, expected)) in CONFIG_SCHEMA.items():
+        if not check(cfg[key]):
+            raise ValueError(f"config key {key!r}: expected {expected}, got {cfg[key]!r}")
+    if (cfg["model_name_or_path"] is None) == (cfg["model_config"] is None):
+        raise ValueError("config key 'model_name_or_path': set exactly one of model_name_or_path and model_config")
+    if cfg["tokenizer"] == "model" and cfg["model_name_or_path"] is None:
+        raise ValueError("config key 'tokenizer': 'model' needs model_name_or_path; use 'fixture' or a path/hub id")
+    if cfg["objective"] == "sft" and cfg["reference_mode"] == "live":
+        raise ValueError("config key 'reference_mode': 'live' has no meaning for objective 'sft' (no reference)")
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config key 'device': 'cuda' requested but torch.cuda.is_available() is False")
+    if cfg["selection"] == "auto":
+        cfg["selection"] = "safedpo" if cfg["objective"] == "safedpo" else "better"
+    return cfg
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``key=value`` strings -> dict, values parsed as YAML scalars (``lr=1e-6``, ``resume=true``)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: expected key=value")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    raw.update(parse_overrides(overrides or []))
+    return validate_config(raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# The FSDP root: base model + our loss on the lm_head weight
+# ---------------------------------------------------------------------------------------------
+
+
+class PolicyWithLoss(nn.Module):
+    """Root FSDP unit. ``forward`` runs ``lm.<base>(...)`` and our loss on ``lm_head.weight``.
+
+    Inputs (from the pair collator): input_ids / attention_mask / labels (2B, T), B chosen rows then
+    B rejected rows, HF-style labels (IGNORE_INDEX on prompt and padding); chosen_unsafe /
+    rejected_unsafe (B,) bool; ref_chosen_logps / ref_rejected_logps (B,) float32 or None.
+    ``what="loss"``: (loss, metrics) of the objective (SFT: the summed token NLL, and its token count in
+    the metrics). ``what="logps"``: (2B,) float32 sequence log-probs, no loss.
+    """
+
+    def __init__(self, lm: nn.Module, cfg: dict):
+        super().__init__()
+        self.lm = lm
+        self.objective = cfg["objective"]
+        self.average_log_prob = cfg["average_log_prob"]
+        self.impl = cfg["loss_impl"]
+        if self.objective == "safedpo":
+            self.loss_fn = FusedLinearSafeDPOLoss(cfg["beta"], cfg["delta"], IGNORE_INDEX, self.average_log_prob,
+                                                  self.impl)
+        elif self.objective == "dpo":
+            self.loss_fn = FusedLinearDPOLoss(cfg["beta"], IGNORE_INDEX, self.average_log_prob, self.impl)
+
+    def forward(self, input_ids, attention_mask, labels, chosen_unsafe=None, rejected_unsafe=None,
+                ref_chosen_logps=None, ref_rejected_logps=None, what: str = "loss"):
+        base = getattr(self.lm, self.lm.base_model_prefix)
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden, target = hidden[:, :-1], labels[:, 1:]  # hidden[:, t] predicts labels[:, t + 1]
+        head = self.lm.get_output_embeddings()
+        weight, bias = head.weight, getattr(head, "bias", None)
+        if what == "logps":
+            tok = linear_logprobs(hidden, weight, target, bias=bias, ignore_index=IGNORE_INDEX, impl=self.impl)
+            return sequence_logps(tok, target, ignore_index=IGNORE_INDEX, average=self.average_log_prob)
+        if self.objective == "sft":
+            tok = linear_logprobs(hidden, weight, target, bias=bias, ignore_index=IGNORE_INDEX, impl=self.impl)
+            n = (target != IGNORE_INDEX).sum()
+            nll = -tok.sum()
+            return nll, {"loss": nll.detach() / n.clamp(min=1), "tokens/target": n.float()}
+        refs = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
+        if self.objective == "safedpo":
+            return self.loss_fn(weight, hidden, target, chosen_unsafe, rejected_unsafe, bias=bias, **refs)
+        return self.loss_fn(weight, hidden, target, bias=bias, **refs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: distributed setup, model building, sharding, fingerprints
+# ---------------------------------------------------------------------------------------------
+
+
+def _attn_implementation(cfg: dict, device: torch.device) -> str:
+    if cfg["attn_implementation"] != "auto":
+        return cfg["attn_implementation"]
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _model_config(cfg: dict, tokenizer, attn: str):
+    from transformers import AutoConfig
+
+    if cfg["model_name_or_path"] is not None:
+        config = AutoConfig.from_pretrained(cfg["model_name_or_path"], revision=cfg["model_revision"],
+                                            trust_remote_code=cfg["trust_remote_code"])
+    else:
+        kwargs = dict(cfg["model_config"])
+        model_type = kwargs.pop("model_type")
+        kwargs.setdefault("vocab_size", len(tokenizer))
+        kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+        kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
+        config = AutoConfig.for_model(model_type, **kwargs)
+    config._attn_implementation = attn
+    config.use_cache = False
+    return config
+
+
+def _build_lm(cfg: dict, config, *, real: bool) -> nn.Module:
+    """The causal LM in float32: weights loaded (real=True) or an empty shell on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    common = dict(trust_remote_code=cfg["trust_remote_code"])
+    if not real:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32, **common)
+    if cfg["model_name_or_path"] is not None:
+        return AutoModelForCausalLM.from_pretrained(
+            cfg["model_name_or_path"], config=config, revision=cfg["model_revision"], dtype=torch.float32, **common)
+    torch.manual_seed(cfg["seed"])  # random init for tests: identical for a given seed
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, **common)
+
+
+def _decoder_layers(lm: nn.Module) -> nn.ModuleList:
+    base = getattr(lm, lm.base_model_prefix)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"model: expected {type(lm).__name__}.{lm.base_model_prefix}.layers "
+                         "(a ModuleList of decoder layers)")
+    return layers
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _dataset_fingerprint(ds) -> str:
+    h = hashlib.sha256()
+    for row in ds:
+        for key in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"):
+            h.update(torch.tensor(row[key], dtype=torch.int64).numpy().tobytes())
+        h.update(bytes([int(row["chosen_unsafe"]), int(row["rejected_unsafe"])]))
+    return h.hexdigest()[:16]
+
+
+def _model_fingerprint(cfg: dict, compute_dtype: torch.dtype) -> str:
+    import transformers
+
+    key: dict[str, Any] = {k: cfg[k] for k in ("model_name_or_path", "model_revision", "model_config",
+                                               "liger_kernels", "average_log_prob", "max_length")}
+    key["dtype"] = str(compute_dtype)
+    if cfg["model_config"] is not None:  # random init: the seed and library versions decide the weights
+        key.update(seed=cfg["seed"], torch=torch.__version__, transformers=transformers.__version__)
+    path = cfg["model_name_or_path"]
+    if path is not None and Path(path).is_dir():
+        key["files"] = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(path).iterdir()
+                              if p.suffix in (".safetensors", ".bin", ".json"))
+    return _fingerprint(key)
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process RSS)
+
+
+class SkippingDistributedSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that can start an epoch after ``skip`` samples (exact resume)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+@dataclass
+class DataBundle:
+    train: Any  # tokenized pairs (HF Dataset), objective's selection applied
+    eval_sel: Any  # held-out pairs, objective's selection applied (loss / accuracy)
+    eval_raw: Any  # held-out pairs in helpfulness order, nothing dropped (safety ranking)
+    reports: dict
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------
+
+
+class Recipe:
+    """``Recipe(cfg).setup(); .train(); .evaluate(); .save_checkpoint(); .cleanup()`` (see ``run``)."""
+
+    def __init__(self, config: dict):
+        self.cfg = validate_config(config)
+        self.out = Path(self.cfg["output_dir"])
+        self.step = 0  # optimizer steps done
+        self.epoch = 0
+        self.micro_in_epoch = 0  # micro-batches of this epoch already consumed (per rank)
+        self.history: list[dict] = []
+        self._owns_group = False
+
+    # ----------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        self._init_distributed()
+        torch.manual_seed(self.cfg["seed"])
+        random.seed(self.cfg["seed"])
+        self._load_tokenizer()
+        self.data = self._load_data()
+        self._build_models()
+        self._build_optimizer()
+        self._build_loader()
+        if self.cfg["resume"]:
+            self._load_checkpoint()
+        elif self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "metrics.jsonl").write_text("")
+        if self.rank == 0:
+            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg, sort_keys=False))
+        self._barrier()
+
+    def _init_distributed(self) -> None:
+        cfg = self.cfg
+        if cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available()):
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if cfg["liger_kernels"] and self.device.type != "cuda":
+            raise ValueError("config key 'liger_kernels': Liger-Kernel's Triton kernels need a CUDA device, "
+                             f"this run is on {self.device.type}")
+        backend = cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
+        if not dist.is_initialized():
+            if "WORLD_SIZE" in os.environ:  # torchrun
+                dist.init_process_group(backend)
+            else:  # in-process, world size 1
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            self._owns_group = True
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        use_bf16 = cfg["mixed_precision"] == "bf16" or (cfg["mixed_precision"] == "auto" and self.device.type == "cuda")
+        self.compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
+
+    def _load_tokenizer(self) -> None:
+        name = self.cfg["tokenizer"]
+        if name == "fixture":
+            from safedpo_kernels.data import load_fixture_tokenizer
+
+            self.tokenizer = load_fixture_tokenizer()
+        else:
+            from transformers import AutoTokenizer
+
+            path = self.cfg["model_name_or_path"] if name == "model" else name
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self.cfg["trust_remote_code"])
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def _load_data(self) -> DataBundle:
+        from safedpo_kernels.data import load_pairs, select_pairs, tokenize_pairs
+
+        cfg = self.cfg
+        reports = {}
+
+        def prepare(split, limit, select):
+            ds, load_report = load_pairs(cfg["dataset"], split=split, name=cfg["dataset_config"], limit=limit)
+            reports[f"{split}/load"] = _as_dict(load_report)
+            if select:
+                ds, sel = select_pairs(ds, cfg["selection"])
+                reports[f"{split}/selection"] = _as_dict(sel)
+            tok, tok_report = tokenize_pairs(ds, self.tokenizer, max_length=cfg["max_length"],
+                                             ignore_index=IGNORE_INDEX)
+            reports[f"{split}/tokenize"] = _as_dict(tok_report)
+            return tok
+
+        # Rank 0 first (it fills the datasets cache), then the others read it.
+        if self.rank != 0:
+            self._barrier()
+        train = prepare(cfg["train_split"], cfg["train_limit"], True)
+        eval_sel = eval_raw = None
+        if cfg["eval_split"] is not None:
+            eval_sel = prepare(cfg["eval_split"], cfg["eval_limit"], True)
+            eval_raw = prepare(cfg["eval_split"], cfg["eval_limit"], False)
+        if self.rank == 0:
+            self._barrier()
+        if len(train) < self.world * cfg["micro_batch_size"] * cfg["grad_accum_steps"]:
+            raise ValueError(
+                f"config key 'micro_batch_size': {len(train)} training pairs cannot fill one step of "
+                f"{self.world} ranks x {cfg['micro_batch_size']} x {cfg['grad_accum_steps']} accumulation")
+        if self.rank == 0:
+            self._print("data: " + json.dumps(reports))
+        return DataBundle(train, eval_sel, eval_raw, reports)
+
+    def _build_models(self) -> None:
+        from safedpo_kernels.data import PaddedPairCollator
+
+        cfg = self.cfg
+        attn = _attn_implementation(cfg, self.device)
+        config = _model_config(cfg, self.tokenizer, attn)
+        self.hf_config = config
+        # Rank 0 reads the weights; every rank builds a meta shell that is sharded and then filled
+        # from rank 0 by a broadcast (no rank but 0 ever holds the full model).
+        init = _build_lm(cfg, config, real=True) if self.rank == 0 else None
+        self.policy = self._shard(self._shell(config), init, train=True)
+        self.ref = None
+        if cfg["objective"] != "sft" and cfg["reference_mode"] == "live":
+            self.ref = self._shard(self._shell(config), init, train=False)
+        del init
+        self.collate = PaddedPairCollator(self.tokenizer.pad_token_id, ignore_index=IGNORE_INDEX)
+        if cfg["objective"] != "sft" and cfg["reference_mode"] == "precompute":
+            self._precompute_reference()
+        n_params = sum(p.numel() for p in self.policy.parameters())  # global sizes (DTensor numel)
+        self._print(f"model: {config.model_type}, {n_params / 1e6:.2f}M parameters, attn={attn}, "
+                    f"compute={self.compute_dtype}, world={self.world}, device={self.device.type}")
+
+    def _shell(self, config) -> nn.Module:
+        lm = _build_lm(self.cfg, config, real=False)
+        if self.cfg["liger_kernels"]:
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+            # Only the body: our head and loss replace Liger's cross-entropy paths.
+            _apply_liger_kernel_to_instance(model=lm, rope=True, rms_norm=True, swiglu=True,
+                                            cross_entropy=False, fused_linear_cross_entropy=False)
+        return lm
+
+    def _shard(self, lm: nn.Module, init: nn.Module | None, *, train: bool) -> PolicyWithLoss:
+        """fully_shard every decoder layer, then the PolicyWithLoss root; fill from rank 0's weights."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        cfg = self.cfg
+        layers = _decoder_layers(lm)
+        if train and cfg["activation_checkpointing"]:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+            for i, layer in enumerate(layers):
+                layers[i] = checkpoint_wrapper(layer)  # non-reentrant, recomputed inside the layer's unit
+        dtype = self.compute_dtype
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        # The root must not cast its inputs: ref log-probs would be rounded to bf16.
+        mp_root = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        for layer in layers:
+            fully_shard(layer, mp_policy=mp)
+        root = PolicyWithLoss(lm, cfg)
+        fully_shard(root, mp_policy=mp_root)
+        root.to_empty(device=self.device)
+        full = {} if init is None else {f"lm.{k}": v for k, v in init.state_dict().items()}
+        set_model_state_dict(root, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        # Buffers that are not in the state dict (rotary inv_freq): same module order on every rank.
+        src = list(init.buffers()) if init is not None else None
+        for i, buf in enumerate(root.lm.buffers()):
+            if src is not None:
+                buf.copy_(src[i])
+            dist.broadcast(buf, src=0)
+        if not train:
+            root.requires_grad_(False)
+            root.eval()
+        return root
+
+    # ----------------------------------------------------------------------------- reference
+    def _pair_logps(self, model: nn.Module, ds, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) chosen and (N,) rejected float32 sequence log-probs of ``ds`` on every rank (no grad).
+
+        Rows are split round-robin over ranks; each rank runs the same number of forwards (FSDP needs
+        every rank in every all-gather), padded with a repeated row that is then ignored.
+        """
+        n, bs = len(ds), self.cfg["eval_batch_size"]
+        mine = list(range(self.rank, n, self.world))
+        n_batches = math.ceil(math.ceil(n / self.world) / bs)
+        out = torch.zeros(2, n, dtype=torch.float64, device=self.device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for b in _progress(range(n_batches), desc, self.rank == 0 and self.cfg["progress_bar"]):
+                idx = mine[b * bs:(b + 1) * bs]
+                batch = self._to_device(self.collate([ds[i] for i in (idx or [0])]))
+                logps = model(batch["input_ids"], batch["attention_mask"], batch["labels"], what="logps")
+                if idx:
+                    k = len(idx)
+                    out[0, idx] = logps[:k].double()
+                    out[1, idx] = logps[k:].double()
+        model.reshard()  # the root keeps its parameters gathered after a forward that has no backward
+        model.train(was_training)
+        dist.all_reduce(out)  # each entry written by exactly one rank: the sum is a gather
+        return out[0].float().cpu(), out[1].float().cpu()
+
+    def _precompute_reference(self) -> None:
+        """Reference log-probs of the initial policy for every split, cached on disk, added as columns."""
+        cache = Path(self.cfg["reference_cache_dir"] or self.out / "reference_cache")
+        model_fp = _model_fingerprint(self.cfg, self.compute_dtype)
+        for name in ("train", "eval_sel", "eval_raw"):
+            ds = getattr(self.data, name)
+            if ds is None:
+                continue
+            path = cache / f"ref_{model_fp}_{_dataset_fingerprint(ds)}.pt"
+            have = torch.tensor([1 if path.exists() else 0], device=self.device)  # NCCL: device tensors only
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)  # every rank must see the file, else all compute
+            if have.item():
+                saved = torch.load(path, weights_only=True)
+                chosen, rejected = saved["chosen"], saved["rejected"]
+            else:
+                chosen, rejected = self._pair_logps(self.policy, ds, f"reference log-probs ({name})")
+                if self.rank == 0:
+                    cache.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(".tmp")
+                    torch.save({"chosen": chosen, "rejected": rejected}, tmp)
+                    os.replace(tmp, path)
+            if not (torch.isfinite(chosen).all() and torch.isfinite(rejected).all()):
+                raise FloatingPointError(f"reference log-probs of {name}: not finite (see {path})")
+            ds = ds.add_column("ref_chosen_logps", chosen.tolist())
+            ds = ds.add_column("ref_rejected_logps", rejected.tolist())
+            setattr(self.data, name, ds)
+            self._print(f"reference ({name}): {'cache hit' if have.item() else 'computed'} {path}")
+
+    # ----------------------------------------------------------------------------- optimizer, data
+    def _build_optimizer(self) -> None:
+        cfg = self.cfg
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
+                                           eps=cfg["adam_eps"], weight_decay=cfg["weight_decay"])
+
+    def _build_loader(self) -> None:
+        cfg = self.cfg
+        self.sampler = SkippingDistributedSampler(self.data.train, num_replicas=self.world, rank=self.rank,
+                                                  shuffle=True, seed=cfg["seed"], drop_last=True)
+        self.loader = torch.utils.data.DataLoader(self.data.train, batch_size=cfg["micro_batch_size"],
+                                                  sampler=self.sampler, collate_fn=self.collate, drop_last=True)
+        self.steps_per_epoch = (self.sampler.num_samples // cfg["micro_batch_size"]) // cfg["grad_accum_steps"]
+        self.micro_per_epoch = self.steps_per_epoch * cfg["grad_accum_steps"]  # leftover micro-batches unused
+        total = cfg["epochs"] * self.steps_per_epoch
+        self.total_steps = min(total, cfg["max_steps"]) if cfg["max_steps"] else total
+        warmup, floor = cfg["warmup_steps"], cfg["min_lr_ratio"]
+
+        def lr_lambda(step: int) -> float:  # linear warmup, then cosine down to min_lr_ratio
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, self.total_steps - warmup)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self._iter = None
+
+    def _next_micro_batches(self) -> list[dict]:
+        accum = self.cfg["grad_accum_steps"]
+        if self.micro_in_epoch >= self.micro_per_epoch:
+            self.epoch, self.micro_in_epoch, self._iter = self.epoch + 1, 0, None
+        if self._iter is None:
+            self.sampler.set_epoch(self.epoch)
+            self.sampler.skip = self.micro_in_epoch * self.cfg["micro_batch_size"]
+            self._iter = iter(self.loader)
+        batches = [self._to_device(next(self._iter)) for _ in range(accum)]
+        self.micro_in_epoch += accum
+        return batches
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    # ----------------------------------------------------------------------------- training
+    def _units(self, batch: dict) -> torch.Tensor:
+        """What the loss is averaged over: kept pairs (safedpo), pairs (dpo), target tokens (sft)."""
+        if self.cfg["objective"] == "sft":
+            return (batch["labels"][:, 1:] != IGNORE_INDEX).sum().double()
+        if self.cfg["objective"] == "safedpo":
+            return (~(batch["chosen_unsafe"].bool() & batch["rejected_unsafe"].bool())).sum().double()
+        return torch.tensor(float(batch["chosen_unsafe"].shape[0]), dtype=torch.float64)
+
+    def _sft_view(self, batch: dict) -> dict:
+        """SFT trains on the chosen rows (or both responses), no flags or reference."""
+        rows = batch["input_ids"].shape[0]
+        rows = rows // 2 if self.cfg["sft_responses"] == "chosen" else rows
+        return {k: batch[k][:rows] for k in ("input_ids", "attention_mask", "labels")}
+
+    def _train_step(self, batches: list[dict]) -> dict[str, float]:
+        """Forward + backward of every micro-batch, gradients of the mean over the GLOBAL batch, step.
+
+        Each micro-batch loss is a mean over its own units; rescaling by units * world / global units
+        makes the FSDP-averaged gradient exactly that of the mean over all units of all ranks.
+        """
+        sft = self.cfg["objective"] == "sft"
+        if sft:
+            batches = [self._sft_view(b) for b in batches]
+        units = [self._units(b).to(self.device) for b in batches]
+        global_units = torch.stack(units).sum()
+        dist.all_reduce(global_units)
+        sums: dict[str, torch.Tensor] = {}
+        t0 = time.perf_counter()
+        for batch, n in zip(batches, units):
+            if self.ref is not None:  # live reference: a frozen sharded copy, forward only
+                batch = {**batch, **self._live_ref_logps(batch)}
+            loss, metrics = self.policy(**{k: batch[k] for k in _MODEL_INPUTS if k in batch})
+            if sft:  # loss is the summed NLL of this micro-batch
+                scaled = loss * (self.world / global_units.clamp(min=1)).to(loss.dtype)
+            else:
+                scaled = loss * (n * self.world / global_units.clamp(min=1)).to(loss.dtype)
+            scaled.backward()
+            _accumulate(sums, metrics, n, batch)
+        if self.cfg["debug_dump_grads"] and self.step == 0:
+            self._dump_grads(Path(self.cfg["debug_dump_grads"]), batches)
+        grad_norm = torch.tensor(0.0)
+        if self.cfg["max_grad_norm"] is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg["max_grad_norm"])
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        out = _reduce_metrics(sums, self.device)  # ONE stacked all-reduce
+        dt = time.perf_counter() - t0
+        out.update(step=self.step, epoch=self.epoch, lr=lr, grad_norm=float(grad_norm),
+                   tokens_per_s=out.pop("tokens/total") / max(dt, 1e-9), step_time_s=dt,
+                   peak_memory_gb=_peak_memory_gb(self.device))
+        if not math.isfinite(out["loss"]):
+            raise FloatingPointError(f"step {self.step}: loss is {out['loss']} (metrics: {out})")
+        return out
+
+    def _live_ref_logps(self, batch: dict) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            logps = self.ref(batch["input_ids"], batch["attention_mask"], batch["labels"], what="logps")
+        self.ref.reshard()
+        b = logps.shape[0] // 2
+        return {"ref_chosen_logps": logps[:b], "ref_rejected_logps": logps[b:]}
+
+    def _dump_grads(self, path: Path, batches: list[dict]) -> None:
+        """Full gradients (gathered from the shards) and rank 0's micro-batches, saved by rank 0."""
+        grads = {}
+        for name, p in self.policy.named_parameters():
+            g = p.grad
+            full = g.full_tensor() if hasattr(g, "full_tensor") else g
+            grads[name.replace("_checkpoint_wrapped_module.", "")] = full.detach().cpu().clone()
+        if self.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cpu_batches = [{k: v.detach().cpu() for k, v in b.items() if torch.is_tensor(v)} for b in batches]
+            torch.save({"grads": grads, "batches": cpu_batches, "world": self.world}, path)
+
+    def train(self) -> list[dict]:
+        """nanoGPT-like loop: batches, lr, forward/backward, clip, step, log, eval, save."""
+        cfg = self.cfg
+        if cfg["eval_at_start"] and self.step == 0 and self.data.eval_raw is not None:
+            self._log({"step": 0, **self.evaluate()})
+        bar = _progress(range(self.step, self.total_steps), "train", self.rank == 0 and cfg["progress_bar"],
+                        total=self.total_steps, initial=self.step)
+        for _ in bar:
+            metrics = self._train_step(self._next_micro_batches())
+            if hasattr(bar, "set_postfix"):
+                acc = metrics.get("rewards/accuracies", float("nan"))
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{acc:.2f}")
+            if self.step % cfg["log_every"] == 0 or self.step == self.total_steps:
+                self._log(metrics)
+            last = self.step == self.total_steps
+            if self.data.eval_raw is not None and (last or (cfg["eval_every"] and self.step % cfg["eval_every"] == 0)):
+                self._log({"step": self.step, **self.evaluate()})
+            if last or (cfg["save_every"] and self.step % cfg["save_every"] == 0):
+                self.save_checkpoint()
+        return self.history
+
+    # ----------------------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics, computed on every rank from all-gathered sequence log-probs.
+
+        eval/loss, eval/accuracy, eval/margins: the objective on the selected held-out pairs
+        (SFT: eval/nll_per_token on their chosen responses). eval/safe_over_unsafe: share of
+        safe-vs-unsafe held-out pairs whose implicit reward beta * (log pi - log pi_ref) ranks the safe
+        response higher; eval/safe_over_unsafe_logp: the same with plain log-probs (no reference);
+        eval/helpful_accuracy_safe_pairs: implicit-reward ranking of the helpfulness winner on pairs
+        where both responses are safe.
+        """
+        from safedpo_kernels import dpo_loss, safedpo_loss
+
+        cfg, out = self.cfg, {}
+        beta = cfg["beta"]
+        raw = self.data.eval_raw
+        pc, pr = self._pair_logps(self.policy, raw, "eval")
+        cu = torch.tensor(raw["chosen_unsafe"], dtype=torch.bool)
+        ru = torch.tensor(raw["rejected_unsafe"], dtype=torch.bool)
+        mixed, both_safe = cu ^ ru, ~cu & ~ru
+        safe_lp = torch.where(cu, pr, pc)
+        unsafe_lp = torch.where(cu, pc, pr)
+        out["eval/safe_over_unsafe_logp"] = _frac(safe_lp > unsafe_lp, mixed)
+        out["eval/pairs_safe_vs_unsafe"] = float(mixed.sum())
+        if cfg["objective"] == "sft":
+            sel = self.data.eval_sel
+            sc, _ = self._pair_logps(self.policy, sel, "eval (selected)")
+            n_tok = sum(sum(1 for t in row[1:] if t != IGNORE_INDEX) for row in sel["chosen_labels"])
+            nll = -sc.mean() if cfg["average_log_prob"] else -sc.double().sum() / max(1, n_tok)
+            out["eval/nll_per_token"] = float(nll)
+            return out
+        rc, rr = self._ref_logps(raw, "eval_raw")
+        r_c, r_r = beta * (pc - rc), beta * (pr - rr)
+        out["eval/safe_over_unsafe"] = _frac(torch.where(cu, r_r, r_c) > torch.where(cu, r_c, r_r), mixed)
+        out["eval/helpful_accuracy_safe_pairs"] = _frac(r_c > r_r, both_safe)
+        sel = self.data.eval_sel
+        spc, spr = self._pair_logps(self.policy, sel, "eval (selected)") if sel is not raw else (pc, pr)
+        src, srr = self._ref_logps(sel, "eval_sel")
+        if cfg["objective"] == "safedpo":
+            scu = torch.tensor(sel["chosen_unsafe"], dtype=torch.bool)
+            sru = torch.tensor(sel["rejected_unsafe"], dtype=torch.bool)
+            loss, m = safedpo_loss(spc, spr, src, srr, scu, sru, beta=beta, delta=cfg["delta"], return_metrics=True)
+        else:
+            loss, m = dpo_loss(spc, spr, src, srr, beta=beta, return_metrics=True)
+        out.update({"eval/loss": float(loss), "eval/accuracy": float(m["rewards/accuracies"]),
+                    "eval/margins": float(m["rewards/margins"])})
+        return out
+
+    def _ref_logps(self, ds, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.ref is not None:
+            return self._pair_logps(self.ref, ds, f"eval reference ({name})")
+        return (torch.tensor(ds["ref_chosen_logps"], dtype=torch.float32),
+                torch.tensor(ds["ref_rejected_logps"], dtype=torch.float32))
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """DCP-sharded model + optimizer, and per-rank scheduler / data position / RNG, saved atomically.
+
+        Written to ``step_N.tmp`` and renamed to ``step_N`` by rank 0 once every rank has finished: a
+        crash mid-save leaves only a ``.tmp`` folder, which resume ignores.
+        """
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        root = self.out / "checkpoints"
+        final, tmp = root / f"step_{self.step:07d}", root / f"step_{self.step:07d}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
+        self._barrier()
+        model_sd, optim_sd = get_state_dict(self.policy, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        extra = {
+            "step": self.step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch, "world": self.world,
+            "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
+                         else torch.empty(0, dtype=torch.uint8)),
+            "python_rng": list(random.getstate()[1]),
+        }
+        torch.save(extra, tmp / f"extra_rank{self.rank}.pt")
+        self._barrier()
+        if self.rank == 0:
+            (tmp / "meta.json").write_text(json.dumps({"step": self.step, "world": self.world, "complete": True}))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in _complete_checkpoints(root)[:-self.cfg["keep_checkpoints"]]:
+                shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+        self._print(f"checkpoint: {final}")
+        return final
+
+    def _load_checkpoint(self) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        found = _complete_checkpoints(self.out / "checkpoints")
+        if not found:
+            raise ValueError(f"config key 'resume': no complete checkpoint under {self.out / 'checkpoints'}")
+        path = found[-1]
+        model_sd, optim_sd = get_state_dict(self.policy, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.policy, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rank_file = path / f"extra_rank{self.rank}.pt"
+        extra = torch.load(rank_file if rank_file.exists() else path / "extra_rank0.pt", weights_only=True)
+        if extra["world"] != self.world:
+            self._print(f"resume: checkpoint written by {extra['world']} ranks, now {self.world}: "
+                        "the data order changes")
+        self.step, self.epoch, self.micro_in_epoch = extra["step"], extra["epoch"], extra["micro_in_epoch"]
+        self.scheduler.load_state_dict(extra["scheduler"])
+        torch.set_rng_state(extra["torch_rng"])
+        if self.device.type == "cuda" and extra["cuda_rng"].numel():
+            torch.cuda.set_rng_state(extra["cuda_rng"], self.device)
+        random.setstate((3, tuple(extra["python_rng"]), None))
+        self._iter = None
+        if self.rank == 0:  # keep the metrics of the steps this checkpoint contains, drop later ones
+            path_m = self.out / "metrics.jsonl"
+            rows = [json.loads(line) for line in path_m.read_text().splitlines() if line] if path_m.exists() else []
+            rows = [r for r in rows if r.get("step", 0) <= self.step]
+            path_m.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            self.history = rows
+        self._print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, micro-batch {self.micro_in_epoch})")
+
+    def export_hf(self) -> Path | None:
+        """Full weights gathered to rank 0 and written as a Hugging Face folder (safetensors)."""
+        from huggingface_hub import save_torch_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return None
+        dest = self.out / "hf_export"
+        tmp = self.out / "hf_export.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        dtype = getattr(torch, self.cfg["export_dtype"])
+        sd = {k.removeprefix("lm."): v.to(dtype).contiguous() for k, v in full.items()}
+        if getattr(self.hf_config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)  # tied: stored once, re-tied by from_pretrained
+        save_torch_state_dict(sd, tmp, max_shard_size="5GB")
+        config = self.hf_config.__class__.from_dict(self.hf_config.to_dict())
+        config.dtype = self.cfg["export_dtype"]
+        config.use_cache = True
+        config.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+        self._print(f"export: {dest}")
+        return dest
+
+    # ----------------------------------------------------------------------------- logging
+    def _log(self, row: dict) -> None:
+        row = {k: (float(v) if torch.is_tensor(v) else v) for k, v in row.items()}
+        self.history.append(row)
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _print(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    def _barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def plot(self) -> Path | None:
+        if self.rank != 0 or not self.cfg["plot"]:
+            return None
+        return plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
+
+    def cleanup(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pure helpers
+# ---------------------------------------------------------------------------------------------
+
+_MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "chosen_unsafe", "rejected_unsafe",
+                 "ref_chosen_logps", "ref_rejected_logps")
+_MEAN_OVER_UNITS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                    "logps/chosen", "logps/rejected")
+_COUNTS = ("pairs/kept", "pairs/swapped", "pairs/dropped")
+
+
+def _accumulate(sums: dict, metrics: dict, units: torch.Tensor, batch: dict) -> None:
+    """Per-micro-batch metrics (means over its units) -> sums, reduced later in one all-reduce."""
+    def add(key, value):
+        sums[key] = sums.get(key, 0) + value.detach().double()
+
+    for key in _MEAN_OVER_UNITS:
+        if key in metrics:
+            add(key, metrics[key] * units)
+    for key in _COUNTS:
+        if key in metrics:
+            add(key, metrics[key])
+    rows = batch["input_ids"].shape[0]
+    if "safety/safe_vs_unsafe_frac" in metrics:
+        add("safety/safe_vs_unsafe_frac", metrics["safety/safe_vs_unsafe_frac"] * (rows // 2))
+    add("pairs", torch.tensor(float(rows // 2), device=units.device))
+    add("units", units)
+    add("tokens/total", batch["attention_mask"].sum())
+
+
+def _reduce_metrics(sums: dict, device) -> dict[str, float]:
+    keys = sorted(sums)
+    stacked = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys])
+    dist.all_reduce(stacked)
+    total = dict(zip(keys, stacked.tolist()))
+    units, pairs = max(total.pop("units"), 1.0), max(total.pop("pairs"), 1.0)
+    out = {}
+    for key, value in total.items():
+        if key in _MEAN_OVER_UNITS:
+            out[key] = value / units
+        elif key == "safety/safe_vs_unsafe_frac":
+            out[key] = value / pairs
+        else:
+            out[key] = value
+    return out
+
+
+def _frac(hits: torch.Tensor, mask: torch.Tensor) -> float:
+    n = int(mask.sum())
+    return float((hits & mask).sum()) / n if n else float("nan")
+
+
+def _as_dict(report) -> Any:
+    if hasattr(report, "as_dict"):
+        return report.as_dict()
+    return report if isinstance(report, (dict, list, int, float, str, type(None))) else str(report)
+
+
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """step_N folders with meta.json (complete saves), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if re.fullmatch(r"step_\d+", p.name) and (p / "meta.json").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def _progress(iterable, desc: str, enabled: bool, **kwargs):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    # Redirected to a file (CI logs): refresh rarely instead of writing a line every 0.1 s.
+    return tqdm(iterable, desc=desc, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 15.0, **kwargs)
+
+
+def plot_metrics(metrics_path: Path, png_path: Path) -> Path:
+    """Training and evaluation curves from a metrics JSONL -> PNG (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    panels = [("loss", train, ["loss"]), ("rewards", train, ["rewards/margins", "rewards/accuracies"]),
+              ("lr", train, ["lr"]),
+              ("eval rates", evals, ["eval/accuracy", "eval/safe_over_unsafe", "eval/safe_over_unsafe_logp",
+                                     "eval/helpful_accuracy_safe_pairs"]),
+              ("eval loss", evals, ["eval/loss", "eval/nll_per_token"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5))
+    for ax, (title, data, keys) in zip(axes, panels):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in data if key in r and r[key] is not None and math.isfinite(r[key])]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if title.startswith("eval") else None, markersize=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def run(config: dict) -> dict:
+    """Train, evaluate, checkpoint and export; returns final metrics and output paths.
+
+    Works under torchrun (any world size) and in-process (world size 1: a one-rank process group is
+    created and destroyed here). Returns {"final_eval", "train_losses", "history", "output_dir",
+    "checkpoint", "export", "plot", "steps", "train_time_s"}.
+    """
+    recipe = Recipe(config)
+    try:
+        recipe.setup()
+        t0 = time.perf_counter()
+        history = recipe.train()
+        train_time = time.perf_counter() - t0
+        export = recipe.export_hf() if recipe.cfg["export_hf"] else None
+        png = recipe.plot()
+        evals = [r for r in history if any(k.startswith("eval/") for k in r)]
+        ckpts = _complete_checkpoints(recipe.out / "checkpoints")
+        result = {
+            "final_eval": {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {},
+            "train_losses": [r["loss"] for r in history if "loss" in r],
+            "history": history,
+            "output_dir": str(recipe.out),
+            "checkpoint": str(ckpts[-1]) if ckpts else None,
+            "export": str(export) if export else None,
+            "plot": str(png) if png else None,
+            "steps": recipe.step,
+            "train_time_s": train_time,
+        }
+        if recipe.rank == 0:
+            (recipe.out / "final_eval.json").write_text(json.dumps(result["final_eval"], indent=2))
+        return result
+    finally:
+        recipe.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (recipes/configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, values parsed as YAML")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    result = run(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print("final evaluation:", json.dumps(result["final_eval"], indent=2))
+        print(f"outputs: {result['output_dir']} ({result['steps']} steps in {result['train_time_s']:.1f} s)")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # after destroy_process_group: avoids gloo's rare abort at interpreter exit
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Config validation of the recipe and the memory planner (no processes, no training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recipe_testutils import ROOT, TINY
+
+from recipes.train_safedpo import CONFIG_SCHEMA, load_config, parse_overrides, validate_config
+
+# The train_safedpo.py configs (other YAML files in the folder, e.g. tiny_compare.yaml, have their own schema).
+CONFIGS = [ROOT / "recipes" / "configs" / f"{name}.yaml"
+           for name in ("tiny_cpu", "llama2_7b", "llama2_13b_8x80gb", "qwen2.5_1.5b", "qwen2.5_7b")]
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"learning_rate": 1e-6}, "learning_rate"),  # unknown key (typo of lr)
+        ({"lr": "fast"}, "lr"),
+        ({"lr": -1.0}, "lr"),
+        ({"objective": "ppo"}, "objective"),
+        ({"selection": "harmless"}, "selection"),
+        ({"micro_batch_size": 0}, "micro_batch_size"),
+        ({"micro_batch_size": 2.5}, "micro_batch_size"),
+        ({"resume": "yes"}, "resume"),
+        ({"beta": 0}, "beta"),
+        ({"delta": -1}, "delta"),
+        ({"adam_betas": [0.9]}, "adam_betas"),
+        ({"max_grad_norm": float("nan")}, "max_grad_norm"),
+        ({"reference_mode": "frozen"}, "reference_mode"),
+        ({"model_name_or_path": "some/model"}, "model_name_or_path"),  # both model sources set
+        ({"model_config": {"hidden_size": 8}}, "model_config"),  # no model_type
+        ({"objective": "sft", "reference_mode": "live"}, "reference_mode"),
+    ],
+)
+def test_bad_config_names_the_key(change, key):
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        validate_config({**TINY, **change})
+
+
+def test_defaults_and_auto_selection():
+    cfg = validate_config(dict(TINY))
+    assert set(cfg) == set(CONFIG_SCHEMA)
+    assert cfg["selection"] == "safedpo"
+    assert validate_config({**TINY, "objective": "dpo"})["selection"] == "better"
+    assert validate_config({**TINY, "objective": "dpo", "selection": "safer"})["selection"] == "safer"
+
+
+def test_overrides_parse_as_yaml_and_are_validated(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    cfg = load_config(path, ["lr=1e-4", "resume=true", "eval_split=null", "objective=dpo"])
+    assert cfg["lr"] == 1e-4 and cfg["resume"] is True and cfg["eval_split"] is None
+    with pytest.raises(ValueError, match="'epochs'"):
+        load_config(path, ["epochs=0"])
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["lr"])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_validate_and_document_their_launch(path: Path):
+    text = path.read_text()
+    assert "torchrun" in text.split("\n", 3)[1] or "torchrun" in text.split("\n", 3)[2]
+    load_config(path)
+
+
+def test_plan_memory_13b_fits_under_45gb(capsys):
+    from recipes import plan_memory
+
+    cfg = load_config(ROOT / "recipes" / "configs" / "llama2_13b_8x80gb.yaml")
+    plan = plan_memory.plan(cfg, gpus=8, gpu_mem_gb=80)
+    assert 12.5 < plan["params_b"] < 13.5
+    assert plan["tokens_per_gpu_microbatch"] == 8192
+    assert plan["fits"] and plan["total_gb"] <= 45.0, plan
+    # fp32 master weights + gradients + AdamW: 16 bytes per parameter, sharded 8 ways
+    states = sum(v for k, v in plan["parts_gb"].items() if k.split()[0] in ("parameters", "gradients", "optimizer"))
+    assert abs(states - 16 * plan["params_b"] * 1e9 / 8 / 2**30) < 0.01
+    # a live reference and 16K tokens still fit in 55 GB; one GPU does not fit at all
+    live16k = plan_memory.plan({**cfg, "reference_mode": "live", "max_length": 4096}, gpus=8, gpu_mem_gb=80)
+    assert live16k["total_gb"] > plan["total_gb"] and live16k["parts_gb"]["reference model"] > 0
+    assert plan_memory.plan({**cfg, "max_length": 4096}, gpus=8, gpu_mem_gb=80)["total_gb"] <= 55.0
+    assert not plan_memory.plan(cfg, gpus=1, gpu_mem_gb=80)["fits"]
+    assert plan_memory.main(["--config", str(ROOT / "recipes/configs/llama2_13b_8x80gb.yaml"), "--gpus", "8"]) == 0
+    assert "FITS" in capsys.readouterr().out
