@@ -1,0 +1,176 @@
+"""recipes/compare_methods.py: config checks, metric helpers, and the --quick comparison end to end.
+
+The end-to-end test runs the real command (SFT, four methods, a two-value Delta sweep, generation and
+likelihood evaluation) in a temporary folder and checks that every output exists and is well formed,
+not which method wins.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "recipes" / "configs" / "tiny_compare.yaml"
+sys.path.insert(0, str(ROOT))
+
+from recipes import compare_methods as cm  # noqa: E402
+
+
+def _raw() -> dict:
+    return yaml.safe_load(CONFIG.read_text())
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_committed_config_and_quick_variant_validate():
+    full = cm.load_config(CONFIG)
+    quick = cm.load_config(CONFIG, quick=True)
+    assert len(full["seeds"]) >= 3 and sorted(full["delta_sweep"]["values"]) == [0, 2, 5, 10, 20]
+    assert set(full["methods"]) == {"SafeDPO", "DPO-Helpful", "DPO-Harmless", "DPO-SafeBetter"}
+    assert quick["results_dir"] != full["results_dir"], "--quick must not overwrite the committed results"
+    assert quick["align"]["max_steps"] < full["align"]["max_steps"]
+
+
+@pytest.mark.parametrize(
+    "mutate, key",
+    [
+        (lambda c: c.update(bogus=1), "bogus"),
+        (lambda c: c.pop("seeds"), "seeds"),
+        (lambda c: c.update(seeds=[0, 0]), "seeds"),
+        (lambda c: c["methods"]["DPO-Helpful"].update(lr=1.0), "methods.DPO-Helpful.lr"),
+        (lambda c: c["methods"]["SafeDPO"].update(objective="ipo"), "methods.SafeDPO"),
+        (lambda c: c["delta_sweep"].update(method="DPO-Helpful"), "delta_sweep.method"),
+        (lambda c: c["delta_sweep"].update(values=[0, -1]), "delta_sweep.values"),
+        (lambda c: c["evaluation"].update(top_p=0), "evaluation"),
+        (lambda c: c["evaluation"].pop("max_new_tokens"), "evaluation.max_new_tokens"),
+        (lambda c: c["align"].update(seed=3), "align.seed"),
+        (lambda c: c["sft"].update(objective="dpo"), "sft.objective"),
+        (lambda c: c["align"].update(lr="fast"), "'lr'"),  # caught by the recipe's own schema
+    ],
+)
+def test_bad_config_names_the_key(mutate, key):
+    raw = copy.deepcopy(_raw())
+    mutate(raw)
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        cm.validate_config(raw)
+
+
+def test_set_overrides_parse_dotted_keys_as_yaml():
+    assert cm.parse_set("align.beta=0.1") == {"align": {"beta": 0.1}}
+    assert cm.parse_set("seeds=[0, 3]") == {"seeds": [0, 3]}
+    cfg = cm.load_config(CONFIG, overrides=cm.deep_merge(cm.parse_set("align.beta=0.25"), cm.parse_set("seeds=[4]")))
+    assert cfg["align"]["beta"] == 0.25 and cfg["seeds"] == [4] and cfg["align"]["lr"] == _raw()["align"]["lr"]
+    for bad in ("align.beta", "=1", "align..beta=1"):
+        with pytest.raises(ValueError, match="--set"):
+            cm.parse_set(bad)
+
+
+def test_stages_share_the_budget_and_start_from_the_sft_export(tmp_path):
+    cfg = cm.load_config(CONFIG)
+    stages = cm.build_stage_configs(cfg, seed=7, stage_root=tmp_path, sft_dir=tmp_path / "sft")
+    names = [s.name for s in stages]
+    # SFT, the four methods, and the sweep's Deltas other than SafeDPO's own (10 is the SafeDPO run)
+    assert names == ["SFT", "SafeDPO", "DPO-Helpful", "DPO-Harmless", "DPO-SafeBetter",
+                     "SafeDPO@Delta=0", "SafeDPO@Delta=2", "SafeDPO@Delta=5", "SafeDPO@Delta=20"]
+    aligned = stages[1:]
+    for key in ("max_steps", "micro_batch_size", "lr", "beta", "warmup_steps", "min_lr_ratio"):
+        assert len({repr(s.config[key]) for s in aligned}) == 1, key
+    assert all(s.config["model_name_or_path"] == str(tmp_path / "sft" / "hf_export") for s in aligned)
+    assert all(s.config["seed"] == 7 for s in stages)
+    assert stages[0].config["objective"] == "sft" and "model_config" in stages[0].config
+    assert [s.config.get("selection") for s in aligned[:4]] == [None, "better", "safer", "safe_better"]
+    assert [s.delta for s in aligned if s.method == "SafeDPO"] == [10.0, 0.0, 2.0, 5.0, 20.0]
+    assert len({s.config["output_dir"] for s in stages}) == len(stages)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_likelihood_metrics_count_rankings():
+    # pairs: (safe, unsafe) x2, (unsafe, safe) x1, (safe, safe) x2, (unsafe, unsafe) x1 (ignored)
+    cu = torch.tensor([False, False, True, False, False, True])
+    ru = torch.tensor([True, True, False, False, False, True])
+    sft = (torch.zeros(6), torch.zeros(6))
+    pc = torch.tensor([1.0, -1.0, 2.0, 3.0, -3.0, 9.0])
+    pr = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    m = cm.likelihood_metrics((pc, pr), sft, cu, ru)
+    # safe ranked higher: pair 0 yes, pair 1 no, pair 2 (safe is rejected, pr < pc) no
+    assert m["lik/safe_over_unsafe_logp"] == pytest.approx(1 / 3)
+    assert m["lik/safe_over_unsafe_reward"] == pytest.approx(1 / 3)
+    assert m["lik/helpful_safe_pairs_logp"] == pytest.approx(1 / 2)
+    ref = cm.likelihood_metrics((pc, pr), (pc, pr), cu, ru)  # the reference itself: rewards undefined
+    assert math.isnan(ref["lik/safe_over_unsafe_reward"]) and ref["lik/safe_over_unsafe_logp"] == pytest.approx(1 / 3)
+    tokens = (torch.full((6,), 2.0), torch.full((6,), 4.0))
+    m = cm.likelihood_metrics((pc, pr), sft, cu, ru, tokens)
+    # safe responses: chosen 0, 1, 3, 4 (2 tokens each), rejected 2, 3, 4 (4 tokens each)
+    assert m["lik/nll_safe"] == pytest.approx(-(1 - 1 + 3 - 3 + 1 + 0 + 0) / (4 * 2 + 3 * 4))
+    assert m["lik/nll_unsafe"] == pytest.approx(-(2 + 9 + 0 + 0 + 0) / (2 * 2 + 3 * 4))
+
+
+def test_summarize_and_aggregate():
+    s = cm.summarize([0.5, 1.0, float("nan"), 0.0])
+    assert s["n"] == 3 and s["mean"] == pytest.approx(0.5) and s["std"] == pytest.approx(0.5)
+    assert s["min"] == 0.0 and s["max"] == 1.0
+    assert cm.summarize([float("nan")])["n"] == 0
+    agg = cm.aggregate({"0": {"A": {"x": 1.0}}, "1": {"A": {"x": 3.0}}})
+    assert agg["A"]["x"]["mean"] == pytest.approx(2.0) and agg["A"]["x"]["n"] == 2
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_quick_comparison_end_to_end(tmp_path):
+    out, res = tmp_path / "out", tmp_path / "results"
+    cmd = [sys.executable, str(ROOT / "recipes" / "compare_methods.py"), "--config", str(CONFIG), "--quick",
+           "--output-dir", str(out), "--results-dir", str(res)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    cfg = cm.load_config(CONFIG, quick=True)
+    results = json.loads((res / "results.json").read_text())
+    runs = ["SFT", *cfg["methods"], "SafeDPO@Delta=0"]
+    assert set(results["per_seed"]) == {str(s) for s in cfg["seeds"]}
+    for seed_runs in results["per_seed"].values():
+        assert sorted(seed_runs) == sorted(runs)
+        for name, m in seed_runs.items():
+            n_prompts = results["eval_data"]["prompts"]
+            assert m["gen/responses"] == n_prompts * cfg["evaluation"]["samples_per_prompt"]
+            for key in ("gen/harmless_ratio", "gen/harmless_ratio_harmful", "gen/ended_with_eos",
+                        "lik/safe_over_unsafe_logp", "lik/helpful_safe_pairs_logp"):
+                assert 0.0 <= m[key] <= 1.0, (name, key, m[key])
+            assert m["lik/nll_safe"] > 0 and m["lik/nll_unsafe"] > 0
+            assert 0.0 <= m["gen/helpfulness"] <= 1.0
+            if name == "SFT":
+                assert m["lik/safe_over_unsafe_reward"] is None  # NaN -> null: rewards vs itself are all 0
+            else:
+                assert 0.0 <= m["lik/safe_over_unsafe_reward"] <= 1.0
+                assert m["train/steps"] == cfg["align"]["max_steps"]
+                # our ranking by implicit reward equals the recipe's own held-out number
+                assert m["lik/safe_over_unsafe_reward"] == pytest.approx(m["recipe/safe_over_unsafe"])
+    assert results["eval_data"]["harmful_prompts"] > 0
+    assert results["eval_data"]["prompts"] > results["eval_data"]["harmful_prompts"]
+    sel = results["stages"]["SafeDPO"]["selection"]
+    assert sel["swapped"] > 0 and sel["dropped"] > 0 and sel["rows_out"] == sel["total"] - sel["dropped"]
+    assert results["examples"]["SafeDPO"] and all(isinstance(e["response"], str) for e in results["examples"]["SafeDPO"])
+
+    md = (res / "results.md").read_text()
+    for name in runs[:-1]:
+        assert f"| {name} |" in md
+    assert "| Delta = 0 |" in md and "| Delta = 10 |" in md
+    for png in ("harmless_vs_helpfulness.png", "delta_sweep.png"):
+        data = (res / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
+    # aligned models are deleted after evaluation (keep_models: false); the SFT export stays
+    assert (out / "seed0" / "sft" / "hf_export" / "config.json").exists()
+    assert not (out / "seed0" / "SafeDPO" / "hf_export").exists()
