@@ -22,7 +22,7 @@ from safedpo_kernels._checks import IMPLS, check_choice, check_linear_inputs
 
 #: Bytes of float32 logits (and their softmax / gradient) one chunk may hold at once.
 #: Override with the environment variable SAFEDPO_CHUNK_BUDGET_MB.
-DEFAULT_CHUNK_BUDGET_BYTES = 64 * 2**20
+DEFAULT_CHUNK_BUDGET_BYTES = 32 * 2**20
 #: Rows of the weight upcast to float32 at a time for bf16/fp16 inputs (float32 weights are used
 #: in place, as one block).
 LOW_PRECISION_VOCAB_BLOCK = 8192
@@ -113,10 +113,11 @@ def chunked_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of sum(g * logp) w.r.t. (hidden, weight, bias), returned in the inputs' dtypes.
 
-    d logp_i / d z_ij = onehot(y_i)_j - softmax_ij, so with G = -g * softmax (recomputed per chunk
-    and vocab block from the saved lse) plus g at the target column:
+    d logp_i / d z_ij = onehot(y_i)_j - softmax_ij, so with G = g * (onehot - softmax), recomputed
+    per chunk and vocab block from the saved lse:
         grad_hidden = G @ W,   grad_weight = G.T @ H,   grad_bias = G.sum(0).
-    The target column's +g part is applied with a gather / index_add instead of a one-hot.
+    The one-hot part is added into the block's G in place (one element per token whose target falls
+    in the block), so no (tokens x vocab) one-hot and no scattered index_add over the weight.
     """
     need_h, need_w, need_b = needs
     m = hidden.shape[0]
@@ -135,22 +136,18 @@ def chunked_backward(
             logits = h @ w.T
             if b is not None:
                 logits += b
-            # G = -g * softmax, in place on the logits buffer.
+            # G = g * (onehot - softmax), in place on the logits buffer.
             grad_z = logits.sub_(lse[s : s + chunk, None]).exp_().mul_(-g[:, None])
+            rows = ((y >= v0) & (y < v0 + w.shape[0])).nonzero().squeeze(-1)
+            grad_z[rows, y[rows] - v0] += g[rows]
             if need_h:
                 gh.addmm_(grad_z, w)
             if need_w:
                 grad_w[v0 : v0 + w.shape[0]].addmm_(grad_z.T, h)
             if need_b:
                 grad_b[v0 : v0 + w.shape[0]] += grad_z.sum(0)
-        # The one-hot part: + g_i at column y_i.
         if need_h:
-            gh.addcmul_(g[:, None], weight[y].to(acc))
             grad_h[s : s + chunk] = gh
-        if need_w:
-            grad_w.index_add_(0, y, g[:, None] * h)
-        if need_b:
-            grad_b.index_add_(0, y, g)
     return (
         None if grad_h is None else grad_h.to(hidden.dtype),
         None if grad_w is None else grad_w.to(weight.dtype),
