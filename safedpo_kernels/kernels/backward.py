@@ -1,0 +1,280 @@
+"""Backward kernels: grad_hidden, grad_weight, grad_bias of sum_i g_i * logp_i.
+
+With G = g * (onehot(label) - softmax) (one tile at a time, recomputed from the saved LSE):
+    grad_hidden = G @ W,  grad_weight = G.T @ hidden,  grad_bias = G.sum(0).
+
+Two schemes, both float32 accumulation, neither ever holding a (tokens x vocab) buffer:
+
+* ``_backward_kernel`` (default, ``deterministic=False``): one program per (token block, vocab
+  block) tile recomputes the logits once and adds both products into float32 accumulators with
+  relaxed ``atomic_add`` (8NHV FLOPs in all with the forward). Summation order depends on the
+  schedule, so the last bits vary run to run.
+* ``_grad_hidden_kernel`` + ``_grad_weight_kernel`` (``deterministic=True``, in
+  ``deterministic.py``): each program owns
+  its output rows (a token block, resp. a vocab block) and walks the other dimension in a fixed
+  order, adding into its rows with plain loads and stores; no atomics, bit-identical run to run.
+  The logits are recomputed in both kernels (10NHV FLOPs in all) and the float32 accumulator rows
+  are read and written once per step.
+
+Gradient filtering (``FILTER=True``): a tile is skipped when none of its labels falls in it and
+its largest softmax value is below ``FILTER_EPS`` (see ``filter_eps``).
+The matmuls of G take G rounded to the input dtype (as eager bf16 autograd does), so they run on
+the tensor cores; the accumulators stay float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+import triton.testing
+
+from safedpo_kernels.kernels.common import (
+    INTERPRETING,
+    device_arch_and_sms,
+    dot_precision,
+    grad_logits_tile,
+    load_rows,
+    logits_tile,
+    upcast_flag,
+)
+from safedpo_kernels.kernels.config import BlockConfig, pick_config
+from safedpo_kernels.kernels.deterministic import _grad_hidden_kernel, _grad_weight_kernel
+
+#: float32 bytes of the grad_hidden accumulator the default scheme holds at once (tokens are
+#: processed in chunks of at most this many rows' worth); 16-bit inputs only.
+GRAD_HIDDEN_CHUNK_BYTES = 64 * 2**20
+
+
+def filter_eps(dtype: torch.dtype) -> float:
+    """Softmax threshold below which a whole tile is skipped by gradient filtering.
+
+    The dtype's machine epsilon / 32 (2**-12 for bfloat16, as Cut Cross-Entropy uses; 2**-15
+    for float16; 2**-28 for float32): a skipped tile's entries of G are below 1/32 of the
+    resolution of the dtype the gradients are returned in.
+    """
+    return torch.finfo(dtype).eps / 32.0
+
+
+@triton.jit
+def _tile_ids(pid, M, V, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M token blocks walk the vocabulary together (weight tiles reused in L2)."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_v = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_M * num_v
+    group = pid // per_group
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+    return pid_m, pid_v
+
+
+@triton.jit
+def _backward_kernel(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    labels_ptr,
+    lse_ptr,
+    omp_ptr,
+    g_ptr,
+    dh_ptr,
+    dw_ptr,
+    db_ptr,
+    M,
+    V,
+    H,
+    stride_hm,
+    stride_hk,
+    stride_wv,
+    stride_wk,
+    stride_dhm,
+    stride_dwv,
+    filter_eps,
+    # Meta-parameters
+    HAS_BIAS: tl.constexpr,
+    COMPUTE_DH: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+    FILTER: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_v = _tile_ids(tl.program_id(0), M, V, BLOCK_M, BLOCK_V, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_m = offs_m < M
+    mask_v = offs_v < V
+    labels, lse, omp, g = load_rows(labels_ptr, lse_ptr, omp_ptr, g_ptr, offs_m, M)
+
+    # ---- G = g * (onehot - softmax) for this tile, float32 in registers ----
+    logits = logits_tile(
+        hidden_ptr, weight_ptr, bias_ptr, offs_m, offs_v, M, V, H,
+        stride_hm, stride_hk, stride_wv, stride_wk,
+        HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_H,
+    )  # fmt: skip
+    grad, p_max, any_hit = grad_logits_tile(logits, offs_v, labels, lse, omp, g)
+    if FILTER:
+        needed = (p_max >= filter_eps) | (any_hit > 0)
+    else:
+        needed = True
+    if needed:
+        if COMPUTE_DB:
+            tl.atomic_add(db_ptr + offs_v, tl.sum(grad, axis=0), mask=mask_v, sem="relaxed")
+        if UPCAST:
+            grad_in = grad
+        else:
+            grad_in = grad.to(hidden_ptr.dtype.element_ty)
+        # ---- dh[m, k] += G @ W[v, k];  dw[v, k] += G.T @ hidden[m, k] ----
+        offs_k = tl.arange(0, BLOCK_H)
+        for k0 in range(0, H, BLOCK_H):
+            ks = k0 + offs_k
+            mask_k = ks < H
+            if COMPUTE_DH:
+                w = tl.load(
+                    weight_ptr + offs_v[:, None].to(tl.int64) * stride_wv + ks[None, :] * stride_wk,
+                    mask=mask_v[:, None] & mask_k[None, :], other=0.0,
+                )  # fmt: skip
+                if UPCAST:
+                    w = w.to(tl.float32)
+                dh = tl.dot(grad_in, w, input_precision=DOT_PRECISION)
+                dh_ptrs = dh_ptr + offs_m[:, None].to(tl.int64) * stride_dhm + ks[None, :]
+                tl.atomic_add(dh_ptrs, dh, mask=mask_m[:, None] & mask_k[None, :], sem="relaxed")
+            if COMPUTE_DW:
+                h = tl.load(
+                    hidden_ptr + offs_m[:, None].to(tl.int64) * stride_hm + ks[None, :] * stride_hk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+                )  # fmt: skip
+                if UPCAST:
+                    h = h.to(tl.float32)
+                dw = tl.dot(tl.trans(grad_in), h, input_precision=DOT_PRECISION)
+                dw_ptrs = dw_ptr + offs_v[:, None].to(tl.int64) * stride_dwv + ks[None, :]
+                tl.atomic_add(dw_ptrs, dw, mask=mask_v[:, None] & mask_k[None, :], sem="relaxed")
+
+
+# -------------------------------------------------------------------------------------------------
+# Launcher
+# -------------------------------------------------------------------------------------------------
+
+
+def _token_chunk(m: int, h: int, dtype: torch.dtype, block_m: int) -> int:
+    """Rows per grad_hidden chunk: float32 inputs accumulate in the output itself (no chunking)."""
+    if dtype == torch.float32:
+        return m
+    rows = max(block_m, GRAD_HIDDEN_CHUNK_BYTES // (4 * h) // block_m * block_m)
+    return min(m, rows)
+
+
+def backward_logprobs(
+    grad_logp: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    one_minus_p: torch.Tensor,
+    *,
+    needs: tuple[bool, bool, bool],
+    deterministic: bool = False,
+    grad_filter: bool = False,
+    configs: dict[str, BlockConfig] | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``sum(grad_logp * logp)`` w.r.t. (hidden, weight, bias), in the inputs' dtypes.
+
+    Args:
+        grad_logp: (M,) upstream gradient (any float dtype, any strides).
+        hidden: (M, H), weight: (V, H), bias: (V,) or None, labels: (M,) int64: as in forward.
+        lse, one_minus_p: (M,) float32 log-sum-exp and 1 - p(label) from ``forward_logprobs``.
+        needs: which of (grad_hidden, grad_weight, grad_bias) to compute; others return None.
+        deterministic: owner-computes kernels, bit-identical run to run (see module docstring).
+        grad_filter: skip tiles whose softmax is below ``filter_eps(hidden.dtype)``.
+        configs: block configuration per kernel name ("backward", "grad_hidden", "grad_weight");
+            missing names use ``config.pick_config``.
+    """
+    need_h, need_w, need_b = needs
+    need_b = need_b and bias is not None
+    if not (need_h or need_w or need_b):
+        return None, None, None
+    m, h = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    arch, _ = device_arch_and_sms(dev)
+    g = grad_logp.to(torch.float32).contiguous()
+    lse = lse.contiguous()
+    omp = one_minus_p.contiguous()
+    labels = labels.contiguous()
+    bias_arg = bias.contiguous() if bias is not None else hidden
+    flags = dict(
+        HAS_BIAS=bias is not None,
+        FILTER=grad_filter,
+        UPCAST=upcast_flag(hidden.dtype),
+        DOT_PRECISION=dot_precision(hidden.dtype),
+    )
+    eps = filter_eps(hidden.dtype)
+    strides = (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
+    zeros = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=dev)  # noqa: E731
+
+    def run_grad_hidden(cfg: BlockConfig) -> torch.Tensor:
+        dh = zeros(m, h)
+        _grad_hidden_kernel[(triton.cdiv(m, cfg.block_m),)](
+            hidden, weight, bias_arg, labels, lse, omp, g, dh, m, v, h, *strides, h, eps, **flags, **cfg.meta()
+        )
+        return dh
+
+    def run_grad_weight(cfg: BlockConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        dw = zeros(v, h) if need_w else None
+        db = zeros(v) if need_b else None
+        _grad_weight_kernel[(triton.cdiv(v, cfg.block_v),)](
+            hidden, weight, bias_arg, labels, lse, omp, g,
+            dw if need_w else g, db if need_b else g,
+            m, v, h, *strides, h, eps,
+            COMPUTE_DW=need_w, COMPUTE_DB=need_b, **flags, **cfg.meta(),
+        )  # fmt: skip
+        return dw, db
+
+    def run_fused(cfg: BlockConfig):
+        dw = zeros(v, h) if need_w else None
+        db = zeros(v) if need_b else None
+        chunk = _token_chunk(m, h, hidden.dtype, cfg.block_m) if need_h else m
+        # float32 grad_hidden accumulator: the whole (M, H) when it fits the chunk budget (or the
+        # input is float32), else one chunk at a time, cast into the input-dtype output.
+        dh = zeros(m, h) if need_h and chunk == m else None
+        out_h = torch.empty((m, h), dtype=hidden.dtype, device=dev) if need_h and chunk < m else dh
+        for s in range(0, m, chunk):
+            e = min(m, s + chunk)
+            dh_chunk = zeros(e - s, h) if need_h and chunk < m else dh
+            grid = (triton.cdiv(e - s, cfg.block_m) * triton.cdiv(v, cfg.block_v),)
+            _backward_kernel[grid](
+                hidden[s:e], weight, bias_arg, labels[s:e], lse[s:e], omp[s:e], g[s:e],
+                dh_chunk if need_h else g, dw if need_w else g, db if need_b else g,
+                e - s, v, h, *strides, h, h, eps,
+                COMPUTE_DH=need_h, COMPUTE_DW=need_w, COMPUTE_DB=need_b, GROUP_M=cfg.group_m,
+                **flags, **cfg.meta(),
+            )  # fmt: skip
+            if need_h and chunk < m:
+                out_h[s:e] = dh_chunk
+        return out_h, dw, db
+
+    def choose(kernel: str, fn) -> BlockConfig:
+        if configs is not None and kernel in configs:
+            return configs[kernel]
+        return pick_config(
+            kernel, arch=arch, element_size=hidden.element_size(), sizes=(m, v, h),
+            interpreting=INTERPRETING, bench=lambda cfg: triton.testing.do_bench(lambda: fn(cfg)),
+        )  # fmt: skip
+
+    if deterministic:
+        dh = run_grad_hidden(choose("grad_hidden", run_grad_hidden)) if need_h else None
+        dw, db = run_grad_weight(choose("grad_weight", run_grad_weight)) if (need_w or need_b) else (None, None)
+    else:
+        dh, dw, db = run_fused(choose("backward", run_fused))
+    return (
+        None if dh is None else dh.to(hidden.dtype),
+        None if dw is None else dw.to(weight.dtype),
+        None if db is None else db.to(bias.dtype),
+    )
