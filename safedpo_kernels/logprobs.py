@@ -22,7 +22,7 @@ from safedpo_kernels._checks import IMPLS, check_choice, check_linear_inputs
 
 #: Bytes of float32 logits (and their softmax / gradient) one chunk may hold at once.
 #: Override with the environment variable SAFEDPO_CHUNK_BUDGET_MB.
-DEFAULT_CHUNK_BUDGET_BYTES = 32 * 2**20
+DEFAULT_CHUNK_BUDGET_BYTES = 48 * 2**20
 #: Rows of the weight upcast to float32 at a time for bf16/fp16 inputs (float32 weights are used
 #: in place, as one block).
 LOW_PRECISION_VOCAB_BLOCK = 8192
@@ -254,8 +254,10 @@ def linear_logprobs(
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
     keep = (flat_labels != ignore_index).nonzero().squeeze(-1)
-    h = flat_hidden.index_select(0, keep)
-    y = flat_labels.index_select(0, keep).long()
+    compact = keep.numel() < flat_labels.numel()
+    # Gather the loss tokens; with none ignored, use the inputs as they are (no copy, no scatter).
+    h = flat_hidden.index_select(0, keep) if compact else flat_hidden
+    y = (flat_labels.index_select(0, keep) if compact else flat_labels).long()
     if keep.numel() == 0:
         picked = _empty_logprobs(h, weight, bias)
     elif path == "triton":
@@ -269,6 +271,8 @@ def linear_logprobs(
     else:
         picked = chunked_forward(h, weight, bias, y)[0]
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    picked = picked.to(out_dtype)
+    if not compact:
+        return picked.reshape(labels.shape)
     out = torch.zeros(flat_labels.shape[0], dtype=out_dtype, device=hidden.device)
-    out = out.index_put((keep,), picked.to(out_dtype))
-    return out.reshape(labels.shape)
+    return out.index_put((keep,), picked).reshape(labels.shape)
