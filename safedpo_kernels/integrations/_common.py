@@ -116,3 +116,19 @@ def gather_mean(accelerator: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         return gathered.reshape(-1, stacked.numel()).mean(0).cpu()
 
     return reduce
+
+
+class LossOnlyPredictionMixin:
+    """``prediction_step`` for Trainer subclasses whose loss never builds logits: loss only.
+
+    Mixed in before ``transformers.Trainer`` (or TRL's ``DPOTrainer``), whose ``_prepare_inputs``,
+    ``compute_loss_context_manager`` and ``compute_loss`` it calls.
+    """
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None):
+        """Evaluation: the SafeDPO loss only (there are no logits to return)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None

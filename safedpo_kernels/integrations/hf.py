@@ -29,12 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from safedpo_kernels._checks import IMPLS, check_beta_delta, check_choice
 from safedpo_kernels.integrations._common import (
+    LossOnlyPredictionMixin,
     MetricsBuffer,
     batch_reference_logps,
     gather_mean,
@@ -74,7 +74,7 @@ class SafeDPOConfig(TrainingArguments):
         check_choice("impl", self.impl, IMPLS)
 
 
-class SafeDPOTrainer(Trainer):
+class SafeDPOTrainer(LossOnlyPredictionMixin, Trainer):
     """``transformers.Trainer`` that trains a causal LM with SafeDPO on PaddedPairCollator batches.
 
     Args:
@@ -151,14 +151,6 @@ class SafeDPOTrainer(Trainer):
             b = policy.shape[0] // 2
             return loss, {"chosen_logps": policy[:b].detach(), "rejected_logps": policy[b:].detach()}
         return loss
-
-    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
-                        ignore_keys: list[str] | None = None):
-        """Evaluation: the SafeDPO loss only (there are no logits to return)."""
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the SafeDPO metrics accumulated since the last log (``eval_``-prefixed in evaluation)."""

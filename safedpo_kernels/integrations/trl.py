@@ -48,6 +48,7 @@ from torch import nn
 
 from safedpo_kernels._checks import IMPLS, check_beta_delta, check_choice
 from safedpo_kernels.integrations._common import (
+    LossOnlyPredictionMixin,
     batch_reference_logps,
     gather_mean,
     model_sequence_logps,
@@ -122,7 +123,7 @@ class _WithSafetyFlags:
         return batch
 
 
-class SafeDPOTrainer(DPOTrainer):
+class SafeDPOTrainer(LossOnlyPredictionMixin, DPOTrainer):
     """TRL ``DPOTrainer`` that trains SafeDPO and never materializes the logits.
 
     Arguments are those of ``trl.DPOTrainer``; ``args`` must be a :class:`SafeDPOConfig` and
@@ -205,14 +206,6 @@ class SafeDPOTrainer(DPOTrainer):
             b = policy.shape[0] // 2
             return loss, {"chosen_logps": policy[:b].detach(), "rejected_logps": policy[b:].detach()}
         return loss
-
-    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
-                        ignore_keys: list[str] | None = None):
-        """Evaluation: the SafeDPO loss only (there are no logits to return)."""
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
 
 
 def _check_flag_columns(name: str, dataset: Any) -> None:
