@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+import safedpo_kernels
 import safedpo_kernels.logprobs as lp
 from safedpo_kernels import linear_logprobs
 from safedpo_kernels.reference import reference_linear_logprobs
@@ -156,7 +157,9 @@ def test_nonfinite_hidden_gives_nonfinite_output(seed):
 
 def test_auto_picks_torch_on_cpu_and_triton_needs_a_usable_device(seed, monkeypatch):
     assert lp._resolve_impl("auto", torch.device("cpu")) == "torch"
-    monkeypatch.setitem(sys.modules, "safedpo_kernels.triton_logprobs", None)  # kernels unavailable
+    # Kernels unavailable: the import fails even where another test already imported them.
+    monkeypatch.setitem(sys.modules, "safedpo_kernels.triton_logprobs", None)
+    monkeypatch.delattr(safedpo_kernels, "triton_logprobs", raising=False)
     hidden, weight, labels, _ = _inputs((4,), 8, 10, torch.float32)
     with pytest.raises(NotImplementedError, match="impl='triton'"):
         linear_logprobs(hidden, weight, labels, impl="triton")
