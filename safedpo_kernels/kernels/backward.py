@@ -34,6 +34,7 @@ from safedpo_kernels.kernels.common import (
     device_arch_and_sms,
     dot_precision,
     grad_logits_tile,
+    load_k_slice,
     load_rows,
     logits_tile,
     upcast_flag,
@@ -136,22 +137,12 @@ def _backward_kernel(
             ks = k0 + offs_k
             mask_k = ks < H
             if COMPUTE_DH:
-                w = tl.load(
-                    weight_ptr + offs_v[:, None].to(tl.int64) * stride_wv + ks[None, :] * stride_wk,
-                    mask=mask_v[:, None] & mask_k[None, :], other=0.0,
-                )  # fmt: skip
-                if UPCAST:
-                    w = w.to(tl.float32)
+                w = load_k_slice(weight_ptr, offs_v, ks, stride_wv, stride_wk, mask_v, mask_k, UPCAST)
                 dh = tl.dot(grad_in, w, input_precision=DOT_PRECISION)
                 dh_ptrs = dh_ptr + offs_m[:, None].to(tl.int64) * stride_dhm + ks[None, :]
                 tl.atomic_add(dh_ptrs, dh, mask=mask_m[:, None] & mask_k[None, :], sem="relaxed")
             if COMPUTE_DW:
-                h = tl.load(
-                    hidden_ptr + offs_m[:, None].to(tl.int64) * stride_hm + ks[None, :] * stride_hk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-                )  # fmt: skip
-                if UPCAST:
-                    h = h.to(tl.float32)
+                h = load_k_slice(hidden_ptr, offs_m, ks, stride_hm, stride_hk, mask_m, mask_k, UPCAST)
                 dw = tl.dot(tl.trans(grad_in), h, input_precision=DOT_PRECISION)
                 dw_ptrs = dw_ptr + offs_v[:, None].to(tl.int64) * stride_dwv + ks[None, :]
                 tl.atomic_add(dw_ptrs, dw, mask=mask_v[:, None] & mask_k[None, :], sem="relaxed")

@@ -117,6 +117,19 @@ def logits_tile(
 
 
 @triton.jit
+def load_k_slice(ptr, offs_r, ks, stride_r, stride_k, mask_r, mask_k, UPCAST: tl.constexpr):
+    """(rows, BLOCK_H) slice ``x[offs_r, ks]`` of a strided matrix, 0 outside the masks (int64
+    offsets); float32 when UPCAST (the interpreter's bf16 workaround), else the input dtype."""
+    x = tl.load(
+        ptr + offs_r[:, None].to(tl.int64) * stride_r + ks[None, :] * stride_k,
+        mask=mask_r[:, None] & mask_k[None, :], other=0.0,
+    )  # fmt: skip
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def load_rows(labels_ptr, lse_ptr, omp_ptr, g_ptr, offs_m, M):
     """Per-token label, lse, 1 - p(label) and upstream gradient; rows >= M get lse=+inf, g=0."""
     mask_m = offs_m < M

@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from safedpo_kernels.kernels.common import grad_logits_tile, load_rows, logits_tile
+from safedpo_kernels.kernels.common import grad_logits_tile, load_k_slice, load_rows, logits_tile
 
 
 @triton.jit
@@ -73,12 +73,7 @@ def _grad_hidden_kernel(
             for k0 in range(0, H, BLOCK_H):
                 ks = k0 + offs_k
                 mask_k = ks < H
-                w = tl.load(
-                    weight_ptr + offs_v[:, None].to(tl.int64) * stride_wv + ks[None, :] * stride_wk,
-                    mask=mask_v[:, None] & mask_k[None, :], other=0.0,
-                )  # fmt: skip
-                if UPCAST:
-                    w = w.to(tl.float32)
+                w = load_k_slice(weight_ptr, offs_v, ks, stride_wv, stride_wk, mask_v, mask_k, UPCAST)
                 dh_ptrs = dh_ptr + offs_m[:, None].to(tl.int64) * stride_dhm + ks[None, :]
                 mask = mask_m[:, None] & mask_k[None, :]
                 acc = tl.load(dh_ptrs, mask=mask, other=0.0)
@@ -147,12 +142,7 @@ def _grad_weight_kernel(
                 for k0 in range(0, H, BLOCK_H):
                     ks = k0 + offs_k
                     mask_k = ks < H
-                    h = tl.load(
-                        hidden_ptr + offs_m[:, None].to(tl.int64) * stride_hm + ks[None, :] * stride_hk,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-                    )  # fmt: skip
-                    if UPCAST:
-                        h = h.to(tl.float32)
+                    h = load_k_slice(hidden_ptr, offs_m, ks, stride_hm, stride_hk, mask_m, mask_k, UPCAST)
                     dw_ptrs = dw_ptr + offs_v[:, None].to(tl.int64) * stride_dwv + ks[None, :]
                     mask = mask_v[:, None] & mask_k[None, :]
                     acc = tl.load(dw_ptrs, mask=mask, other=0.0)
