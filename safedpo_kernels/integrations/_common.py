@@ -36,8 +36,9 @@ def model_sequence_logps(
     """
     kwargs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS and k not in ("input_ids", "attention_mask")}
     hidden = forward_hidden_states(model, batch["input_ids"], batch.get("attention_mask"), **kwargs)
-    weight, bias = output_head(model)
-    return causal_lm_sequence_logps(hidden, weight, labels, bias=bias, cu_seqlens=batch.get("cu_seqlens"),
+    head = output_head(model)
+    return causal_lm_sequence_logps(hidden, head.weight, labels, bias=head.bias, logit_scale=head.logit_scale,
+                                    softcap=head.softcap, cu_seqlens=batch.get("cu_seqlens"),
                                     ignore_index=ignore_index, average=average, impl=impl)
 
 
