@@ -279,13 +279,14 @@ class _FusedLinearPreferenceLoss(nn.Module):
         nll = None
         if self.compute_nll_loss:
             nll = NLLTerm(self.alpha, sums[:b], sums[b:], counts[:b], counts[b:], num_nll_tokens)
-        loss, metrics = safedpo_objective(pc, pr, rc, rr, transform, delta=self.delta or 0.0, options=self.options,
-                                          reduction="mean", num_kept_pairs=num_pairs, nll=nll)
+        loss, metrics, nll_value = safedpo_objective(pc, pr, rc, rr, transform, delta=self.delta or 0.0,
+                                                     options=self.options, reduction="mean",
+                                                     num_kept_pairs=num_pairs, nll=nll)
         chosen_rewards = self.beta * (pc if rc is None else pc - rc)
         rejected_rewards = self.beta * (pr if rr is None else pr - rr)
         chosen_mean, rejected_mean = self._logits_means(lin_weight, _input, bias, cu_seqlens, b)
-        nll_loss = metrics["nll_loss"].to(loss.dtype) if nll is not None else torch.zeros((), dtype=loss.dtype,
-                                                                                          device=loss.device)
+        nll_loss = nll_value.detach() if nll_value is not None else torch.zeros((), dtype=loss.dtype,
+                                                                                 device=loss.device)
         aux = (pc, pr, chosen_mean, rejected_mean, nll_loss, chosen_rewards, rejected_rewards)
         if not return_metrics:
             return loss, aux

@@ -261,10 +261,11 @@ def safedpo_objective(
     reduction: str,
     num_kept_pairs: int | torch.Tensor | None,
     nll: NLLTerm | None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """The loss on already-validated inputs (shared by the functional API and the fused modules).
 
-    Returns ``(loss, metrics)``; metrics are per-call means over the kept pairs (0-dim float32).
+    Returns ``(loss, metrics, nll)``: metrics are per-call means over the kept pairs (0-dim
+    float32); nll the NLL term (before alpha) in the loss dtype, or None without one.
     """
     pc = policy_chosen_logps
     dtype = _compute_dtype(pc)
@@ -328,7 +329,7 @@ def safedpo_objective(
         if nll_value is not None:
             metrics["nll_loss"] = nll_value.detach()
         metrics = {k: v.float() for k, v in metrics.items()}
-    return loss, metrics
+    return loss, metrics, nll_value
 
 
 def _check_ref(ref_chosen_logps: object, ref_rejected_logps: object) -> bool:
@@ -436,7 +437,7 @@ def safedpo_loss(
     t = SafetyTransform(keep=~(cu & ru), swap=cu & ~ru, safe_vs_unsafe=cu ^ ru)
     nll = _nll_term(rpo_alpha, policy_chosen_logps, policy_rejected_logps, chosen_token_counts,
                     rejected_token_counts, average_log_prob, num_nll_tokens, reduction, ref.shape[0], ref.device)
-    loss, metrics = safedpo_objective(
+    loss, metrics, _ = safedpo_objective(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, t,
         delta=float(delta), options=options, reduction=reduction, num_kept_pairs=num_kept_pairs, nll=nll,
     )
@@ -498,7 +499,7 @@ def dpo_loss(
         raise ValueError(f"num_pairs: only used with reduction='mean', got reduction={reduction!r}")
     nll = _nll_term(rpo_alpha, policy_chosen_logps, policy_rejected_logps, chosen_token_counts,
                     rejected_token_counts, average_log_prob, num_nll_tokens, reduction, ref.shape[0], ref.device)
-    loss, metrics = safedpo_objective(
+    loss, metrics, _ = safedpo_objective(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
         all_kept(ref.shape[0], ref.device), delta=0.0, options=options, reduction=reduction,
         num_kept_pairs=num_pairs, nll=nll,
