@@ -42,6 +42,8 @@ from safedpo_kernels.losses import (
 
 #: Rows of the head weight reduced at a time for the logits-mean metric (bounds its fp32 temporary).
 _WEIGHT_MEAN_BLOCK = 8192
+#: Hidden-state elements upcast at a time for the logits-mean metric.
+_LOGITS_MEAN_BLOCK_ELEMS = 2**24
 
 
 def _row_sums_counts(
@@ -250,17 +252,16 @@ class _FusedLinearPreferenceLoss(nn.Module):
         with torch.no_grad():
             w_mean = _weight_column_mean(lin_weight.detach())
             b_mean = 0.0 if bias is None else bias.detach().to(w_mean.dtype).mean()
-            h = _input.detach()
-            if cu_seqlens is None:
-                per_pos = h.reshape(h.shape[0], -1, h.shape[-1]).to(w_mean.dtype) @ w_mean  # (2B, T)
-                chosen, rejected = per_pos[:b].mean(), per_pos[b:].mean()
-            else:
-                flat = h.reshape(-1, h.shape[-1])
-                split = int(cu_seqlens[b])
-                chosen = (flat[:split].to(w_mean.dtype) @ w_mean).mean()
-                rejected = (flat[split:].to(w_mean.dtype) @ w_mean).mean()
-            scale = self.logit_scale
-            return (scale * (chosen + b_mean)).float(), (scale * (rejected + b_mean)).float()
+            flat = _input.detach().reshape(-1, _input.shape[-1])
+            # Upcast a bounded block of hidden states at a time (never a full float32 copy).
+            step = max(1, _LOGITS_MEAN_BLOCK_ELEMS // max(flat.shape[1], 1))
+            per_token = torch.cat([flat[i:i + step].to(w_mean.dtype) @ w_mean for i in range(0, flat.shape[0], step)]
+                                  or [w_mean.new_zeros(0)])
+            split = per_token.shape[0] // 2 if cu_seqlens is None else int(cu_seqlens[b])
+            means = []
+            for part in (per_token[:split], per_token[split:]):
+                means.append(self.logit_scale * (part.sum() / max(part.numel(), 1) + b_mean))
+            return means[0].float(), means[1].float()
 
     def _forward(self, lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias, transform_fn,
                  ref_chosen_logps, ref_rejected_logps, cu_seqlens, num_pairs, num_nll_tokens, return_metrics):

@@ -377,3 +377,29 @@ def test_compiled_and_chunk_size_are_no_ops(seed):
     c, _ = FusedLinearSafeDPOLoss(compiled=False, chunk_size=3, impl="torch")(weight, hidden, target, b, ref_hidden,
                                                                              **flags)
     assert torch.equal(a, c)
+
+
+def test_per_pair_logps_and_rewards_are_differentiable(seed):
+    hidden, ref_hidden, weight, target, b, cu, ru = _batch(b=4)
+    hidden.requires_grad_()
+    _, aux = FusedLinearSafeDPOLoss(impl="torch")(weight, hidden, target, b, ref_hidden, chosen_unsafe=cu,
+                                                  rejected_unsafe=ru)
+    (g,) = torch.autograd.grad(aux[0].sum() + aux[6].sum(), hidden)
+    h64 = hidden.detach().clone().requires_grad_()
+    seq, _ = _seq_ref(h64, weight, target, b)
+    (g_ref,) = torch.autograd.grad(seq[:4].sum() + 0.1 * seq[4:].sum(), h64)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+    assert not aux[2].requires_grad and not aux[4].requires_grad
+
+
+@pytest.mark.parametrize("module_cls", [FusedLinearSafeDPOLoss, FusedLinearDPOLoss])
+def test_empty_batch_gives_zero_loss_and_empty_outputs(module_cls):
+    w = torch.randn(11, 4, requires_grad=True)
+    x = torch.randn(0, 5, 4, requires_grad=True)
+    y = torch.zeros(0, 5, dtype=torch.long)
+    flags = dict(chosen_unsafe=torch.zeros(0), rejected_unsafe=torch.zeros(0)) if module_cls is FusedLinearSafeDPOLoss else {}
+    loss, aux = module_cls(use_ref_model=False, compute_nll_loss=True, impl="torch")(w, x, y, **flags)
+    assert loss.item() == 0.0 and all(torch.isfinite(a).all() for a in aux)
+    assert aux[0].shape == aux[5].shape == (0,)
+    loss.backward()
+    assert torch.all(w.grad == 0)
