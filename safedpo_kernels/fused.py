@@ -261,7 +261,7 @@ class _FusedLinearPreferenceLoss(nn.Module):
             means = []
             for part in (per_token[:split], per_token[split:]):
                 means.append(self.logit_scale * (part.sum() / max(part.numel(), 1) + b_mean))
-            return means[0].float(), means[1].float()
+            return means[0], means[1]
 
     def _forward(self, lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias, transform_fn,
                  ref_chosen_logps, ref_rejected_logps, cu_seqlens, num_pairs, num_nll_tokens, return_metrics):

@@ -403,3 +403,24 @@ def test_empty_batch_gives_zero_loss_and_empty_outputs(module_cls):
     assert aux[0].shape == aux[5].shape == (0,)
     loss.backward()
     assert torch.all(w.grad == 0)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_triton_path_through_the_module_matches_float64(seed, loss_type):
+    """impl="triton" (Triton interpreter on the CPU), with swaps, drops, the NLL term and a soft cap."""
+    pytest.importorskip("triton")
+    hidden, ref_hidden, weight, target, b, _, _ = _batch(b=5, t=6, h=16, v=37, dtype=torch.float32)
+    kw = dict(beta=0.2, delta=2.0, loss_type=loss_type, compute_nll_loss=True, alpha=0.3, softcap=3.0)
+    flags = dict(chosen_unsafe=FLAGS_CU, rejected_unsafe=FLAGS_RU)
+    leaves = (hidden.requires_grad_(), weight.requires_grad_())
+    loss, aux = FusedLinearSafeDPOLoss(impl="triton", **kw)(weight, hidden, target, b, ref_hidden, **flags)
+    grads = torch.autograd.grad(loss, leaves)
+    leaves64 = tuple(t.detach().double().requires_grad_() for t in leaves)
+    ref, aux_ref = FusedLinearSafeDPOLoss(impl="torch", **kw)(leaves64[1], leaves64[0], target, b.double(),
+                                                              ref_hidden.double(), **flags)
+    grads_ref = torch.autograd.grad(ref, leaves64)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    for a, r in zip(aux, aux_ref):
+        torch.testing.assert_close(a.detach().double(), r.detach(), rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6)
