@@ -513,6 +513,7 @@ def dpo_loss(
 
 __all__ = [
     "AVERAGED_LOSS_TYPES",
+    "LABEL_SMOOTHING_LOSS_TYPES",
     "LOSS_TYPES",
     "SafetyTransform",
     "check_loss_options",
