@@ -12,18 +12,26 @@ The (2B, T, V) logits are never materialized (see :func:`safedpo_kernels.linear_
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 from torch import nn
 
-from safedpo_kernels import _checks
-from safedpo_kernels._checks import IMPLS, check_beta_delta, check_choice, check_float_tensor, check_tensor
+from safedpo_kernels._checks import (
+    IMPLS,
+    check_beta_delta,
+    check_choice,
+    check_float_tensor,
+    check_ignore_index,
+    check_linear_inputs,
+    check_logit_transform,
+    check_tensor,
+)
 from safedpo_kernels.logprobs import linear_logprobs
 from safedpo_kernels.losses import (
     AVERAGED_LOSS_TYPES,
     NLLTerm,
+    check_nonnegative_finite,
     all_kept,
     check_count,
     check_loss_options,
@@ -34,6 +42,8 @@ from safedpo_kernels.losses import (
 
 #: Rows of the head weight reduced at a time for the logits-mean metric (bounds its fp32 temporary).
 _WEIGHT_MEAN_BLOCK = 8192
+#: Hidden-state elements upcast at a time for the logits-mean metric.
+_LOGITS_MEAN_BLOCK_ELEMS = 2**24
 
 
 def _row_sums_counts(
@@ -117,15 +127,6 @@ def _check_flag(name: str, value: object) -> bool:
     return value
 
 
-def _check_ignore_index(value: object) -> int:
-    check = getattr(_checks, "check_ignore_index", None)
-    if check is not None:
-        return check("ignore_index", value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"ignore_index: expected an int, got {type(value).__name__} {value!r}")
-    return int(value)
-
-
 class _FusedLinearPreferenceLoss(nn.Module):
     """Shared constructor and forward of the fused SafeDPO and DPO modules (Liger's argument order)."""
 
@@ -149,33 +150,23 @@ class _FusedLinearPreferenceLoss(nn.Module):
         softcap: float | None,
     ):
         super().__init__()
-        check_beta_delta(beta, delta)
+        beta, delta = check_beta_delta(beta, delta)
         self.options = check_loss_options(beta, loss_type, label_smoothing, discopop_tau)
         check_choice("impl", impl, IMPLS)
-        self.ignore_index = _check_ignore_index(ignore_index)
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (
-            math.isfinite(float(alpha)) and alpha >= 0
-        ):
-            raise ValueError(f"alpha: expected a finite number >= 0, got {alpha!r}")
+        self.ignore_index = check_ignore_index("ignore_index", ignore_index)
+        alpha = check_nonnegative_finite("alpha", alpha)
         self.compute_nll_loss = _check_flag("compute_nll_loss", compute_nll_loss)
         self.compiled = _check_flag("compiled", compiled)
         self.use_ref_model = _check_flag("use_ref_model", use_ref_model)
         self.average_log_prob = _check_flag("average_log_prob", average_log_prob)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
             raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
-        if isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real) or not (
-            math.isfinite(float(logit_scale)) and logit_scale != 0
-        ):
-            raise ValueError(f"logit_scale: expected a finite nonzero number, got {logit_scale!r}")
-        if softcap is not None and (
-            isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)
-            or not (math.isfinite(float(softcap)) and softcap > 0)
-        ):
-            raise ValueError(f"softcap: expected None or a finite number > 0, got {softcap!r}")
+        logit_scale, softcap = check_logit_transform(logit_scale, softcap)
         self.beta, self.alpha = float(beta), float(alpha)
         self.delta = None if delta is None else float(delta)
         self.chunk_size = int(chunk_size)
-        self.loss_type, self.label_smoothing, self.discopop_tau = loss_type, float(label_smoothing), float(discopop_tau)
+        self.loss_type, self.label_smoothing, self.discopop_tau = loss_type, self.options.label_smoothing, \
+            self.options.discopop_tau
         self.impl = impl
         self.logit_scale = float(logit_scale)
         self.softcap = None if softcap is None else float(softcap)
@@ -195,13 +186,9 @@ class _FusedLinearPreferenceLoss(nn.Module):
             if hidden.shape[0] % 2:
                 raise ValueError(f"{hidden_name}: expected an even number of rows (B chosen then B rejected), "
                                  f"got {hidden.shape[0]}")
-        _checks.check_linear_inputs(hidden, weight, target, bias, self.ignore_index, hidden_name=names[0],
-                                    weight_name=names[1], labels_name=names[2], bias_name=names[3])
-        kwargs = {}
-        if self.logit_scale != 1.0 or self.softcap is not None:
-            kwargs = dict(logit_scale=self.logit_scale, softcap=self.softcap)
+        check_linear_inputs(hidden, weight, target, bias, self.ignore_index, names=names)
         return linear_logprobs(hidden, weight, target, bias=bias, ignore_index=self.ignore_index, impl=self.impl,
-                               **kwargs)
+                               logit_scale=self.logit_scale, softcap=self.softcap)
 
     def _sums_counts(self, tok, target, cu_seqlens):
         if cu_seqlens is None:
@@ -265,17 +252,16 @@ class _FusedLinearPreferenceLoss(nn.Module):
         with torch.no_grad():
             w_mean = _weight_column_mean(lin_weight.detach())
             b_mean = 0.0 if bias is None else bias.detach().to(w_mean.dtype).mean()
-            h = _input.detach()
-            if cu_seqlens is None:
-                per_pos = h.reshape(h.shape[0], -1, h.shape[-1]).to(w_mean.dtype) @ w_mean  # (2B, T)
-                chosen, rejected = per_pos[:b].mean(), per_pos[b:].mean()
-            else:
-                flat = h.reshape(-1, h.shape[-1])
-                split = int(cu_seqlens[b])
-                chosen = (flat[:split].to(w_mean.dtype) @ w_mean).mean()
-                rejected = (flat[split:].to(w_mean.dtype) @ w_mean).mean()
-            scale = self.logit_scale
-            return (scale * (chosen + b_mean)).float(), (scale * (rejected + b_mean)).float()
+            flat = _input.detach().reshape(-1, _input.shape[-1])
+            # Upcast a bounded block of hidden states at a time (never a full float32 copy).
+            step = max(1, _LOGITS_MEAN_BLOCK_ELEMS // max(flat.shape[1], 1))
+            per_token = torch.cat([flat[i:i + step].to(w_mean.dtype) @ w_mean for i in range(0, flat.shape[0], step)]
+                                  or [w_mean.new_zeros(0)])
+            split = per_token.shape[0] // 2 if cu_seqlens is None else int(cu_seqlens[b])
+            means = []
+            for part in (per_token[:split], per_token[split:]):
+                means.append(self.logit_scale * (part.sum() / max(part.numel(), 1) + b_mean))
+            return means[0], means[1]
 
     def _forward(self, lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias, transform_fn,
                  ref_chosen_logps, ref_rejected_logps, cu_seqlens, num_pairs, num_nll_tokens, return_metrics):
@@ -294,13 +280,14 @@ class _FusedLinearPreferenceLoss(nn.Module):
         nll = None
         if self.compute_nll_loss:
             nll = NLLTerm(self.alpha, sums[:b], sums[b:], counts[:b], counts[b:], num_nll_tokens)
-        loss, metrics = safedpo_objective(pc, pr, rc, rr, transform, delta=self.delta or 0.0, options=self.options,
-                                          reduction="mean", num_kept_pairs=num_pairs, nll=nll)
+        loss, metrics, nll_value = safedpo_objective(pc, pr, rc, rr, transform, delta=self.delta or 0.0,
+                                                     options=self.options, reduction="mean",
+                                                     num_kept_pairs=num_pairs, nll=nll)
         chosen_rewards = self.beta * (pc if rc is None else pc - rc)
         rejected_rewards = self.beta * (pr if rr is None else pr - rr)
         chosen_mean, rejected_mean = self._logits_means(lin_weight, _input, bias, cu_seqlens, b)
-        nll_loss = metrics["nll_loss"].to(loss.dtype) if nll is not None else torch.zeros((), dtype=loss.dtype,
-                                                                                          device=loss.device)
+        nll_loss = nll_value.detach() if nll_value is not None else torch.zeros((), dtype=loss.dtype,
+                                                                                 device=loss.device)
         aux = (pc, pr, chosen_mean, rejected_mean, nll_loss, chosen_rewards, rejected_rewards)
         if not return_metrics:
             return loss, aux

@@ -31,10 +31,12 @@ import torch.nn.functional as F
 
 from safedpo_kernels._checks import (
     REDUCTIONS,
+    _real_number,
     as_flags,
     check_beta_delta,
     check_choice,
     check_pair_logps,
+    check_positive_finite,
     check_tensor,
 )
 
@@ -115,15 +117,33 @@ def count_kept_pairs(chosen_unsafe: torch.Tensor, rejected_unsafe: torch.Tensor)
     return safety_transform(chosen_unsafe, rejected_unsafe).keep.sum()
 
 
+def count_nll_tokens(
+    chosen_unsafe: torch.Tensor | None,
+    rejected_unsafe: torch.Tensor | None,
+    chosen_token_counts: torch.Tensor,
+    rejected_token_counts: torch.Tensor,
+) -> torch.Tensor:
+    """Trained tokens of the winners after T(D) (the NLL term's normalizer): a 0-dim int64 tensor.
+
+    Flags None (plain DPO): the chosen responses' tokens. Token counts (B,) int. Sum it over an
+    optimizer step's micro-batches and ranks and pass it as ``num_nll_tokens``.
+    """
+    chosen = check_tensor("chosen_token_counts", chosen_token_counts)
+    rejected = check_tensor("rejected_token_counts", rejected_token_counts)
+    if chosen_unsafe is None and rejected_unsafe is None:
+        return chosen.sum().long()
+    t = safety_transform(chosen_unsafe, rejected_unsafe)
+    winner = torch.where(t.swap, rejected.to(t.swap.device), chosen.to(t.swap.device))
+    return torch.where(t.keep, winner, torch.zeros_like(winner)).sum().long()
+
+
 def check_loss_options(beta: float, loss_type: str, label_smoothing: float = 0.0,
                        discopop_tau: float = 0.05) -> LossOptions:
     """Validate ``beta``, ``loss_type``, ``label_smoothing`` and ``discopop_tau`` together."""
-    check_beta_delta(beta)
+    beta, _ = check_beta_delta(beta)
     check_choice("loss_type", loss_type, LOSS_TYPES)
-    for name, value in (("label_smoothing", label_smoothing), ("discopop_tau", discopop_tau)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-            raise ValueError(f"{name}: expected a finite real number, got {value!r}")
-    ls, tau = float(label_smoothing), float(discopop_tau)
+    ls = check_nonnegative_finite("label_smoothing", label_smoothing)
+    tau = check_positive_finite("discopop_tau", discopop_tau)
     if loss_type == "exo_pair" and not 0.0 < ls < 1.0:
         raise ValueError(f"label_smoothing: expected 0 < label_smoothing < 1 for loss_type='exo_pair' "
                          f"(the EXO paper recommends 1e-3), got {label_smoothing!r}")
@@ -133,9 +153,15 @@ def check_loss_options(beta: float, loss_type: str, label_smoothing: float = 0.0
     if loss_type not in LABEL_SMOOTHING_LOSS_TYPES and ls != 0.0:
         raise ValueError(f"label_smoothing: loss_type={loss_type!r} does not use label smoothing (only "
                          f"{LABEL_SMOOTHING_LOSS_TYPES} do), got {label_smoothing!r}; pass 0.0")
-    if not tau > 0:
-        raise ValueError(f"discopop_tau: expected a number > 0, got {discopop_tau!r}")
-    return LossOptions(float(beta), loss_type, ls, tau)
+    return LossOptions(beta, loss_type, ls, tau)
+
+
+def check_nonnegative_finite(name: str, value: object) -> float:
+    """A finite real number >= 0 (Python, numpy or 0-dim tensor) as a float."""
+    x = _real_number(name, value)
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    return x
 
 
 def check_count(name: str, value: object) -> int | torch.Tensor | None:
@@ -235,10 +261,11 @@ def safedpo_objective(
     reduction: str,
     num_kept_pairs: int | torch.Tensor | None,
     nll: NLLTerm | None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """The loss on already-validated inputs (shared by the functional API and the fused modules).
 
-    Returns ``(loss, metrics)``; metrics are per-call means over the kept pairs (0-dim float32).
+    Returns ``(loss, metrics, nll)``: metrics are per-call means over the kept pairs (0-dim
+    float32); nll the NLL term (before alpha) in the loss dtype, or None without one.
     """
     pc = policy_chosen_logps
     dtype = _compute_dtype(pc)
@@ -302,7 +329,7 @@ def safedpo_objective(
         if nll_value is not None:
             metrics["nll_loss"] = nll_value.detach()
         metrics = {k: v.float() for k, v in metrics.items()}
-    return loss, metrics
+    return loss, metrics, nll_value
 
 
 def _check_ref(ref_chosen_logps: object, ref_rejected_logps: object) -> bool:
@@ -315,10 +342,7 @@ def _check_ref(ref_chosen_logps: object, ref_rejected_logps: object) -> bool:
 def _nll_term(rpo_alpha: float, policy_chosen_logps, policy_rejected_logps, chosen_token_counts,
               rejected_token_counts, average_log_prob: bool, num_nll_tokens, reduction: str, size: int,
               device) -> NLLTerm | None:
-    if isinstance(rpo_alpha, bool) or not isinstance(rpo_alpha, numbers.Real) or not (
-        math.isfinite(float(rpo_alpha)) and rpo_alpha >= 0
-    ):
-        raise ValueError(f"rpo_alpha: expected a finite number >= 0, got {rpo_alpha!r}")
+    rpo_alpha = check_nonnegative_finite("rpo_alpha", rpo_alpha)
     num_nll_tokens = check_count("num_nll_tokens", num_nll_tokens)
     if rpo_alpha == 0:
         if num_nll_tokens is not None:
@@ -399,27 +423,41 @@ def safedpo_loss(
         loss (0-dim, or (B,) with reduction="none"), float32 (float64 for float64 inputs);
         with ``return_metrics`` the tuple ``(loss, metrics)``.
     """
-    has_ref = _check_ref(ref_chosen_logps, ref_rejected_logps)
-    n = 4 if has_ref else 2
-    ref = check_pair_logps(LOGP_NAMES[:n], (policy_chosen_logps, policy_rejected_logps,
-                                            ref_chosen_logps, ref_rejected_logps)[:n])
-    check_beta_delta(beta, delta)
+    return _functional_loss(
+        (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps),
+        (chosen_unsafe, rejected_unsafe), beta=beta, delta=delta, loss_type=loss_type,
+        label_smoothing=label_smoothing, discopop_tau=discopop_tau, reduction=reduction,
+        count=("num_kept_pairs", num_kept_pairs), rpo_alpha=rpo_alpha, token_counts=(chosen_token_counts,
+        rejected_token_counts), average_log_prob=average_log_prob, num_nll_tokens=num_nll_tokens,
+        return_metrics=return_metrics,
+    )
+
+
+def _functional_loss(logps, flags, *, beta, delta, loss_type, label_smoothing, discopop_tau, reduction, count,
+                     rpo_alpha, token_counts, average_log_prob, num_nll_tokens, return_metrics):
+    """Validation and dispatch shared by :func:`safedpo_loss` and :func:`dpo_loss` (flags None)."""
+    n = 4 if _check_ref(logps[2], logps[3]) else 2
+    ref = check_pair_logps(LOGP_NAMES[:n], logps[:n])
+    _, delta = check_beta_delta(beta, delta)
     options = check_loss_options(beta, loss_type, label_smoothing, discopop_tau)
     check_choice("reduction", reduction, REDUCTIONS)
-    num_kept_pairs = check_count("num_kept_pairs", num_kept_pairs)
-    if num_kept_pairs is not None and reduction != "mean":
-        raise ValueError(f"num_kept_pairs: only used with reduction='mean', got reduction={reduction!r}")
-    cu, ru = _flag_pair(chosen_unsafe, rejected_unsafe, ref.shape[0], ref.device)
-    t = SafetyTransform(keep=~(cu & ru), swap=cu & ~ru, safe_vs_unsafe=cu ^ ru)
-    nll = _nll_term(rpo_alpha, policy_chosen_logps, policy_rejected_logps, chosen_token_counts,
-                    rejected_token_counts, average_log_prob, num_nll_tokens, reduction, ref.shape[0], ref.device)
-    loss, metrics = safedpo_objective(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, t,
-        delta=float(delta), options=options, reduction=reduction, num_kept_pairs=num_kept_pairs, nll=nll,
-    )
+    count_name, normalizer = count
+    normalizer = check_count(count_name, normalizer)
+    if normalizer is not None and reduction != "mean":
+        raise ValueError(f"{count_name}: only used with reduction='mean', got reduction={reduction!r}")
+    if flags is None:
+        t = all_kept(ref.shape[0], ref.device)
+    else:
+        cu, ru = _flag_pair(*flags, ref.shape[0], ref.device)
+        t = SafetyTransform(keep=~(cu & ru), swap=cu & ~ru, safe_vs_unsafe=cu ^ ru)
+    nll = _nll_term(rpo_alpha, logps[0], logps[1], *token_counts, average_log_prob, num_nll_tokens, reduction,
+                    ref.shape[0], ref.device)
+    loss, metrics, _ = safedpo_objective(*logps, t, delta=delta or 0.0, options=options, reduction=reduction,
+                                         num_kept_pairs=normalizer, nll=nll)
     if not return_metrics:
         return loss
-    metrics.update(transform_metrics(t))
+    if flags is not None:
+        metrics.update(transform_metrics(t))
     return loss, metrics
 
 
@@ -464,31 +502,23 @@ def dpo_loss(
     Same arguments, loss types, reductions and metrics as :func:`safedpo_loss`, without flags or
     margin; ``num_pairs`` is the step-wide pair count for exact accumulation (as num_kept_pairs).
     """
-    has_ref = _check_ref(ref_chosen_logps, ref_rejected_logps)
-    n = 4 if has_ref else 2
-    ref = check_pair_logps(LOGP_NAMES[:n], (policy_chosen_logps, policy_rejected_logps,
-                                            ref_chosen_logps, ref_rejected_logps)[:n])
-    options = check_loss_options(beta, loss_type, label_smoothing, discopop_tau)
-    check_choice("reduction", reduction, REDUCTIONS)
-    num_pairs = check_count("num_pairs", num_pairs)
-    if num_pairs is not None and reduction != "mean":
-        raise ValueError(f"num_pairs: only used with reduction='mean', got reduction={reduction!r}")
-    nll = _nll_term(rpo_alpha, policy_chosen_logps, policy_rejected_logps, chosen_token_counts,
-                    rejected_token_counts, average_log_prob, num_nll_tokens, reduction, ref.shape[0], ref.device)
-    loss, metrics = safedpo_objective(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-        all_kept(ref.shape[0], ref.device), delta=0.0, options=options, reduction=reduction,
-        num_kept_pairs=num_pairs, nll=nll,
+    return _functional_loss(
+        (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps), None, beta=beta,
+        delta=None, loss_type=loss_type, label_smoothing=label_smoothing, discopop_tau=discopop_tau,
+        reduction=reduction, count=("num_pairs", num_pairs), rpo_alpha=rpo_alpha,
+        token_counts=(chosen_token_counts, rejected_token_counts), average_log_prob=average_log_prob,
+        num_nll_tokens=num_nll_tokens, return_metrics=return_metrics,
     )
-    return (loss, metrics) if return_metrics else loss
 
 
 __all__ = [
     "AVERAGED_LOSS_TYPES",
+    "LABEL_SMOOTHING_LOSS_TYPES",
     "LOSS_TYPES",
     "SafetyTransform",
     "check_loss_options",
     "count_kept_pairs",
+    "count_nll_tokens",
     "dpo_loss",
     "pair_losses",
     "safedpo_loss",
