@@ -340,6 +340,15 @@ class SafeDPOTrainerMixin:
     loss_is_scaled_for_ga = True
     _ignore_index = -100
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        trainers = [b for b in cls.__mro__ if b.__name__ == "Trainer" and b.__module__.startswith("transformers")]
+        if trainers and not hasattr(trainers[0], "_get_num_items_in_batch"):
+            raise ImportError(
+                f"{cls.__name__} needs a transformers.Trainer that counts items per optimizer step "
+                "(Trainer._get_num_items_in_batch, transformers >= 4.56): pip install -U transformers"
+            )
+
     def _labels(self, batch: Mapping[str, Any]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
