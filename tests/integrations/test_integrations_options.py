@@ -55,3 +55,15 @@ def test_trl_trainer_reference_free_and_prompt_template(tmp_path, tokenizer, pai
     with pytest.raises(ValueError, match="ref_model: given with reference_free=True"):
         SafeDPOTrainer(policy, make_llama(len(tokenizer)), cfg, train_dataset=pairs, processing_class=tokenizer,
                        reference_free=True)
+
+
+def test_token_counts_of_packed_and_padded_batches_agree(tokenized, collator):
+    """The NLL normalizer (scored tokens per response) is the same for both collators' layouts."""
+    from safedpo_kernels.data import PackedPairCollator
+    from safedpo_kernels.integrations._common import label_token_counts
+
+    rows = [tokenized[i] for i in range(3, 9)]
+    padded, packed = collator(rows), PackedPairCollator()(rows)
+    counts = label_token_counts(padded["labels"], None, -100)
+    assert counts.min() > 0
+    assert torch.equal(label_token_counts(packed["labels"], packed["cu_seqlens"], -100), counts)
