@@ -318,3 +318,17 @@ def test_float32_values_and_gradients_close_to_float64(seed, loss_type):
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
     for g, r in zip(torch.autograd.grad(got, x32), torch.autograd.grad(ref, x64)):
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-6)
+
+
+def test_bco_pair_running_mean_through_the_reference_offsets(seed):
+    """docs/losses.md: older TRL's bco_pair subtracted a running reward mean delta from both rewards;
+    passing ref + delta/beta reproduces it exactly."""
+    b, beta, running_mean = 7, 0.2, 0.37
+    pc, pr, rc, rr = (torch.randn(b, dtype=torch.float64) for _ in range(4))
+    safe = torch.zeros(b, dtype=torch.bool)
+    got = safedpo_loss(pc, pr, rc + running_mean / beta, rr + running_mean / beta, safe, safe, beta=beta,
+                       delta=0.0, loss_type="bco_pair")
+    a, c = beta * (pc - rc), beta * (pr - rr)
+    expected = (-torch.nn.functional.logsigmoid(a - running_mean)
+                - torch.nn.functional.logsigmoid(-(c - running_mean))).mean()
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
