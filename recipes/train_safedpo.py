@@ -24,12 +24,12 @@ import json
 import math
 import os
 import random
-import re
 import resource
 import shutil
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,158 +40,17 @@ from torch import nn
 
 
 _ROOT = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("safedpo_kernels") is None:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(_ROOT))
+if importlib.util.find_spec("safedpo_kernels") is None or importlib.util.find_spec("recipes") is None:
+    sys.path.insert(0, str(_ROOT))  # run as a script from a checkout: the package and recipes/ importable
 
 from safedpo_kernels import FusedLinearDPOLoss, FusedLinearSafeDPOLoss, linear_logprobs, sequence_logps
 
+from recipes.checkpoint import OutputDirLock, checkpoint_problem, newest_verified, prune_in_background, step_folders
+from recipes.config import CONFIG_SCHEMA, check_max_length, hf_config_from_dict, load_config, parse_overrides, validate_config
+
+__all__ = ["CONFIG_SCHEMA", "Recipe", "load_config", "parse_overrides", "run", "validate_config"]
+
 IGNORE_INDEX = -100
-OBJECTIVES = ("safedpo", "dpo", "sft")
-SELECTIONS = ("auto", "safedpo", "better", "safer", "safe_better")
-
-# ---------------------------------------------------------------------------------------------
-# Config: every key, its default and its check. YAML files override; unknown keys are errors.
-# ---------------------------------------------------------------------------------------------
-
-
-def _is_int(v, lo=None):
-    return isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo)
-
-
-def _is_num(v, lo=None, hi=None):
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    return ok and (lo is None or v >= lo) and (hi is None or v <= hi)
-
-
-def _choice(*options):
-    return (lambda v: v in options), f"one of {list(options)}"
-
-
-def _opt(check, what):
-    return (lambda v: v is None or check(v)), f"null or {what}"
-
-
-_STR = (lambda v: isinstance(v, str) and v != "", "a non-empty string")
-_BETAS = (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_num(b, 0, 0.999999) for b in v),
-          "a list of two numbers in [0, 1)")
-_BOOL = (lambda v: isinstance(v, bool), "true or false")
-
-
-def _int(lo):
-    return (lambda v: _is_int(v, lo)), f"an integer >= {lo}"
-
-
-def _num(lo=None, hi=None, what="a finite number"):
-    return (lambda v: _is_num(v, lo, hi)), what
-
-
-CONFIG_SCHEMA: dict[str, tuple[Any, tuple[Callable[[Any], bool], str]]] = {
-    # --- model ---
-    "model_name_or_path": (None, _opt(*_STR)),  # hub id or local folder (from_pretrained)
-    "model_config": (None, _opt(lambda v: isinstance(v, dict) and "model_type" in v, "a mapping with model_type")),
-    "model_revision": (None, _opt(*_STR)),
-    "trust_remote_code": (False, _BOOL),
-    "tokenizer": ("model", _STR),  # "model" (same as model_name_or_path) | "fixture" | hub id / path
-    "attn_implementation": ("auto", _choice("auto", "sdpa", "eager", "flash_attention_2")),
-    "liger_kernels": (False, _BOOL),  # Liger's RMSNorm / RoPE / SwiGLU patches; head + loss stay ours
-    "activation_checkpointing": (True, _BOOL),
-    "mixed_precision": ("auto", _choice("auto", "bf16", "fp32")),  # auto: bf16 compute on GPU, fp32 on CPU
-    "device": ("auto", _choice("auto", "cpu", "cuda")),
-    "backend": ("auto", _choice("auto", "gloo", "nccl")),
-    # --- data ---
-    "dataset": ("fixture:pku_tiny", _STR),
-    "dataset_config": (None, _opt(*_STR)),
-    "train_split": ("train", _STR),
-    "eval_split": ("test", _opt(*_STR)),
-    "train_limit": (None, _opt(*_int(1))),
-    "eval_limit": (None, _opt(*_int(1))),
-    "selection": ("auto", _choice(*SELECTIONS)),  # auto: safedpo -> "safedpo", dpo / sft -> "better"
-    "max_length": (512, _int(8)),
-    "sft_responses": ("chosen", _choice("chosen", "both")),
-    # --- objective ---
-    "objective": ("safedpo", _choice(*OBJECTIVES)),
-    "beta": (0.1, _num(1e-12, what="a number > 0")),
-    "delta": (10.0, _num(0.0, what="a number >= 0")),
-    "average_log_prob": (False, _BOOL),
-    "loss_impl": ("auto", _choice("auto", "torch", "triton")),
-    "reference_mode": ("precompute", _choice("precompute", "live")),
-    "reference_cache_dir": (None, _opt(*_STR)),  # default: <output_dir>/reference_cache
-    # --- optimization ---
-    "seed": (0, _int(0)),
-    "epochs": (1, _int(1)),
-    "max_steps": (None, _opt(*_int(1))),  # caps the optimizer steps (else epochs x steps per epoch)
-    "micro_batch_size": (1, _int(1)),  # pairs (sft: sequences) per rank per micro-batch
-    "grad_accum_steps": (1, _int(1)),
-    "lr": (5e-7, _num(0.0, what="a number >= 0")),
-    "weight_decay": (0.0, _num(0.0, what="a number >= 0")),
-    "adam_betas": ([0.9, 0.999], _BETAS),
-    "adam_eps": (1e-8, _num(1e-30, what="a number > 0")),
-    "warmup_steps": (0, _int(0)),
-    "min_lr_ratio": (0.0, _num(0.0, 1.0, "a number in [0, 1]")),
-    "max_grad_norm": (1.0, _opt(*_num(1e-12, what="a number > 0"))),
-    # --- observability, evaluation, checkpoints ---
-    "output_dir": ("outputs/safedpo", _STR),
-    "log_every": (1, _int(1)),
-    "eval_every": (0, _int(0)),  # 0: evaluate only at the end
-    "eval_at_start": (True, _BOOL),
-    "eval_batch_size": (4, _int(1)),
-    "save_every": (0, _int(0)),  # 0: checkpoint only at the end
-    "keep_checkpoints": (2, _int(1)),
-    "resume": (False, _BOOL),  # continue from the newest complete checkpoint under output_dir
-    "export_hf": (True, _BOOL),
-    "export_dtype": ("float32", _choice("float32", "bfloat16")),
-    "plot": (True, _BOOL),
-    "progress_bar": (True, _BOOL),
-    "debug_dump_grads": (None, _opt(*_STR)),  # save full gradients after the first backward (tests)
-}
-
-
-_FLOAT_KEYS = ("beta", "delta", "lr", "weight_decay", "adam_eps", "min_lr_ratio", "max_grad_norm")
-
-
-def validate_config(raw: dict) -> dict:
-    """Defaults from CONFIG_SCHEMA, overridden by ``raw``; ValueError naming the offending key."""
-    if not isinstance(raw, dict):
-        raise TypeError(f"config: expected a mapping of keys to values, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(CONFIG_SCHEMA))
-    if unknown:
-        raise ValueError(f"config key {unknown[0]!r}: unknown key (known keys: {', '.join(CONFIG_SCHEMA)})")
-    cfg = {k: raw.get(k, default) for k, (default, _) in CONFIG_SCHEMA.items()}
-    for key in _FLOAT_KEYS:  # YAML 1.1 reads `1e-6` (no dot) as a string
-        if isinstance(cfg[key], str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", cfg[key].strip()):
-            cfg[key] = float(cfg[key])
-    for key, (_, (check, expected)) in CONFIG_SCHEMA.items():
-        if not check(cfg[key]):
-            raise ValueError(f"config key {key!r}: expected {expected}, got {cfg[key]!r}")
-    if (cfg["model_name_or_path"] is None) == (cfg["model_config"] is None):
-        raise ValueError("config key 'model_name_or_path': set exactly one of model_name_or_path and model_config")
-    if cfg["tokenizer"] == "model" and cfg["model_name_or_path"] is None:
-        raise ValueError("config key 'tokenizer': 'model' needs model_name_or_path; use 'fixture' or a path/hub id")
-    if cfg["objective"] == "sft" and cfg["reference_mode"] == "live":
-        raise ValueError("config key 'reference_mode': 'live' has no meaning for objective 'sft' (no reference)")
-    if cfg["device"] == "cuda" and not torch.cuda.is_available():
-        raise ValueError("config key 'device': 'cuda' requested but torch.cuda.is_available() is False")
-    if cfg["selection"] == "auto":
-        cfg["selection"] = "safedpo" if cfg["objective"] == "safedpo" else "better"
-    return cfg
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``key=value`` strings -> dict, values parsed as YAML scalars (``lr=1e-6``, ``resume=true``)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r}: expected key=value")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    raw.update(parse_overrides(overrides or []))
-    return validate_config(raw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,13 +121,10 @@ def _model_config(cfg: dict, tokenizer, attn: str):
         config = AutoConfig.from_pretrained(cfg["model_name_or_path"], revision=cfg["model_revision"],
                                             trust_remote_code=cfg["trust_remote_code"])
     else:
-        kwargs = dict(cfg["model_config"])
-        model_type = kwargs.pop("model_type")
-        kwargs.setdefault("vocab_size", len(tokenizer))
-        kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-        kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
-        kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
-        config = AutoConfig.for_model(model_type, **kwargs)
+        config = hf_config_from_dict(cfg["model_config"], vocab_size=len(tokenizer),
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                     bos_token_id=tokenizer.bos_token_id)
+    check_max_length(cfg, config)
     config._attn_implementation = attn
     config.use_cache = False
     return config
@@ -370,10 +226,13 @@ class Recipe:
         self.micro_in_epoch = 0  # micro-batches of this epoch already consumed (per rank)
         self.history: list[dict] = []
         self._owns_group = False
+        self._lock = OutputDirLock(self.out)
+        self._prune_thread = None
 
     # ----------------------------------------------------------------------------- setup
     def setup(self) -> None:
         self._init_distributed()
+        self._on_rank0(self._lock.acquire)  # a second run on the same output_dir is refused here
         torch.manual_seed(self.cfg["seed"])
         random.seed(self.cfg["seed"])
         self._load_tokenizer()
@@ -401,11 +260,12 @@ class Recipe:
             raise ValueError("config key 'liger_kernels': Liger-Kernel's Triton kernels need a CUDA device, "
                              f"this run is on {self.device.type}")
         backend = cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
+        timeout = timedelta(minutes=cfg["dist_timeout_minutes"])  # model loading / precompute can be slow
         if not dist.is_initialized():
             if "WORLD_SIZE" in os.environ:  # torchrun
-                dist.init_process_group(backend)
+                dist.init_process_group(backend, timeout=timeout)
             else:  # in-process, world size 1
-                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
             self._owns_group = True
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         use_bf16 = cfg["mixed_precision"] == "bf16" or (cfg["mixed_precision"] == "auto" and self.device.type == "cuda")
@@ -426,32 +286,52 @@ class Recipe:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     def _load_data(self) -> DataBundle:
+        """Train and held-out pairs, selected and tokenized. Never evaluates on training rows: a source
+        without separate splits (one file, a folder whose file names name no split) needs
+        ``eval_fraction`` (held out of training, reported), ``eval_dataset``, or ``eval_split: null``."""
         from safedpo_kernels.data import load_pairs, select_pairs, tokenize_pairs
 
         cfg = self.cfg
         reports = {}
 
-        def prepare(split, limit, select):
-            ds, load_report = load_pairs(cfg["dataset"], split=split, name=cfg["dataset_config"], limit=limit)
-            reports[f"{split}/load"] = _as_dict(load_report)
+        def tokenize(ds, name, select):
             if select:
                 ds, sel = select_pairs(ds, cfg["selection"])
-                reports[f"{split}/selection"] = _as_dict(sel)
+                reports[f"{name}/selection"] = _as_dict(sel)
             tok, tok_report = tokenize_pairs(ds, self.tokenizer, max_length=cfg["max_length"],
                                              ignore_index=IGNORE_INDEX)
-            reports[f"{split}/tokenize"] = _as_dict(tok_report)
+            reports[f"{name}/tokenize"] = _as_dict(tok_report)
             return tok
 
         # Rank 0 first (it fills the datasets cache), then the others read it.
         if self.rank != 0:
             self._barrier()
-        train = prepare(cfg["train_split"], cfg["train_limit"], True)
-        eval_sel = eval_raw = None
-        if cfg["eval_split"] is not None:
-            eval_sel = prepare(cfg["eval_split"], cfg["eval_limit"], True)
-            eval_raw = prepare(cfg["eval_split"], cfg["eval_limit"], False)
-        if self.rank == 0:
-            self._barrier()
+        try:
+            train_raw, train_report = load_pairs(cfg["dataset"], split=cfg["train_split"], name=cfg["dataset_config"],
+                                                 limit=cfg["train_limit"])
+            reports["train/load"] = _as_dict(train_report)
+            held_out = None
+            if cfg["eval_split"] is not None and cfg["eval_fraction"] is not None:
+                parts = train_raw.train_test_split(test_size=cfg["eval_fraction"], seed=cfg["seed"], shuffle=True)
+                train_raw, held_out = parts["train"], parts["test"]
+                if cfg["eval_limit"] is not None:
+                    held_out = held_out.select(range(min(cfg["eval_limit"], len(held_out))))
+                reports["eval/held_out"] = {"eval_fraction": cfg["eval_fraction"], "held_out_pairs": len(held_out),
+                                            "train_pairs_left": len(train_raw), "seed": cfg["seed"]}
+            elif cfg["eval_split"] is not None:
+                source = cfg["eval_dataset"] or cfg["dataset"]
+                held_out, eval_report = load_pairs(source, split=cfg["eval_split"], limit=cfg["eval_limit"],
+                                                   name=cfg["dataset_config"] if cfg["eval_dataset"] is None else None)
+                reports["eval/load"] = _as_dict(eval_report)
+                _refuse_train_as_eval(cfg, train_report, eval_report)
+            train = tokenize(train_raw, "train", True)
+            eval_sel = eval_raw = None
+            if held_out is not None:
+                eval_sel = tokenize(held_out, "eval", True)
+                eval_raw = tokenize(held_out, "eval_raw", False)
+        finally:
+            if self.rank == 0:
+                self._barrier()
         if len(train) < self.world * cfg["micro_batch_size"] * cfg["grad_accum_steps"]:
             raise ValueError(
                 f"config key 'micro_batch_size': {len(train)} training pairs cannot fill one step of "
@@ -540,7 +420,8 @@ class Recipe:
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            for b in _progress(range(n_batches), desc, self.rank == 0 and self.cfg["progress_bar"]):
+            bar = _progress(n_batches, desc, self.rank == 0 and self.cfg["progress_bar"])
+            for b in range(n_batches):
                 idx = mine[b * bs:(b + 1) * bs]
                 batch = self._to_device(self.collate([ds[i] for i in (idx or [0])]))
                 logps = model(batch["input_ids"], batch["attention_mask"], batch["labels"], what="logps")
@@ -548,6 +429,8 @@ class Recipe:
                     k = len(idx)
                     out[0, idx] = logps[:k].double()
                     out[1, idx] = logps[k:].double()
+                bar.update(1)
+            bar.close()
         model.reshard()  # the root keeps its parameters gathered after a forward that has no backward
         model.train(was_training)
         dist.all_reduce(out)  # each entry written by exactly one rank: the sum is a gather
@@ -706,13 +589,12 @@ class Recipe:
         cfg = self.cfg
         if cfg["eval_at_start"] and self.step == 0 and self.data.eval_raw is not None:
             self._log({"step": 0, **self.evaluate()})
-        bar = _progress(range(self.step, self.total_steps), "train", self.rank == 0 and cfg["progress_bar"],
-                        total=self.total_steps, initial=self.step)
-        for _ in bar:
+        bar = _progress(self.total_steps, "train", self.rank == 0 and cfg["progress_bar"], initial=self.step)
+        while self.step < self.total_steps:
             metrics = self._train_step(self._next_micro_batches())
-            if hasattr(bar, "set_postfix"):
-                acc = metrics.get("rewards/accuracies", float("nan"))
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{acc:.2f}")
+            acc = metrics.get("rewards/accuracies", float("nan"))
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{acc:.2f}", refresh=False)
+            bar.update(1)
             if self.step % cfg["log_every"] == 0 or self.step == self.total_steps:
                 self._log(metrics)
             last = self.step == self.total_steps
@@ -720,6 +602,7 @@ class Recipe:
                 self._log({"step": self.step, **self.evaluate()})
             if last or (cfg["save_every"] and self.step % cfg["save_every"] == 0):
                 self.save_checkpoint()
+        bar.close()
         return self.history
 
     # ----------------------------------------------------------------------------- evaluation
@@ -807,9 +690,11 @@ class Recipe:
             (tmp / "meta.json").write_text(json.dumps({"step": self.step, "world": self.world, "complete": True}))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for old in _complete_checkpoints(root)[:-self.cfg["keep_checkpoints"]]:
-                shutil.rmtree(old, ignore_errors=True)
         self._barrier()
+        if self.rank == 0:  # after the barrier: the other ranks train on while old folders are deleted
+            if self._prune_thread is not None:
+                self._prune_thread.join()
+            self._prune_thread = prune_in_background(root, self.cfg["keep_checkpoints"])
         self._print(f"checkpoint: {final}")
         return final
 
@@ -817,16 +702,26 @@ class Recipe:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        found = _complete_checkpoints(self.out / "checkpoints")
-        if not found:
-            raise ValueError(f"config key 'resume': no complete checkpoint under {self.out / 'checkpoints'}")
-        path = found[-1]
+        import warnings
+
+        def choose() -> str:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                path = newest_verified(self.out / "checkpoints")
+            for w in seen:  # damaged newer checkpoints skipped: named in the log
+                self._print(f"WARNING: {w.message}")
+            return str(path)
+
+        path = Path(self._on_rank0(choose))
         model_sd, optim_sd = get_state_dict(self.policy, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(self.policy, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        rank_file = path / f"extra_rank{self.rank}.pt"
-        extra = torch.load(rank_file if rank_file.exists() else path / "extra_rank0.pt", weights_only=True)
+        saved_world = json.loads((path / "meta.json").read_text())["world"]
+        # Verified: every rank of the saving run has its file. A rank the saving run did not have
+        # (resuming on more ranks) starts from rank 0's position; the data order changes (printed).
+        rank_file = path / f"extra_rank{self.rank if self.rank < saved_world else 0}.pt"
+        extra = torch.load(rank_file, weights_only=True)
         if extra["world"] != self.world:
             self._print(f"resume: checkpoint written by {extra['world']} ranks, now {self.world}: "
                         "the data order changes")
@@ -893,7 +788,30 @@ class Recipe:
             return None
         return plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
 
+    def _on_rank0(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on rank 0; its result (or its error, re-raised on every rank) broadcast to all ranks.
+
+        Decisions that read shared files (the lock, which checkpoint is intact) are taken once, so
+        ranks never disagree and no rank waits in a collective for a rank that already failed.
+        """
+        box: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                box[0] = ("ok", fn())
+            except (ValueError, RuntimeError, OSError) as err:
+                box[0] = ("error", err)
+        if self.world > 1:
+            dist.broadcast_object_list(box, src=0)
+        status, value = box[0]
+        if status == "error":
+            raise value
+        return value
+
     def cleanup(self) -> None:
+        if self._prune_thread is not None:
+            self._prune_thread.join()
+        if self.rank == 0:
+            self._lock.release()
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -956,21 +874,34 @@ def _as_dict(report) -> Any:
     return report if isinstance(report, (dict, list, int, float, str, type(None))) else str(report)
 
 
-def _complete_checkpoints(root: Path) -> list[Path]:
-    """step_N folders with meta.json (complete saves), oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if re.fullmatch(r"step_\d+", p.name) and (p / "meta.json").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+def _refuse_train_as_eval(cfg: dict, train_report, eval_report) -> None:
+    """ValueError when the eval split read the very rows of the training split (a local source with no
+    split names: one file, or a folder whose file names name no split)."""
+    if cfg["eval_dataset"] is not None or train_report.resolved.startswith("hub:"):
+        return
+    if train_report.resolved == eval_report.resolved:
+        raise ValueError(
+            f"config key 'eval_split': dataset {cfg['dataset']!r} has no separate {cfg['eval_split']!r} split "
+            f"(both splits read {train_report.resolved}), so evaluation would measure training rows. Set "
+            "eval_fraction (e.g. 0.05: held out of training), eval_dataset (another file), or eval_split: null.")
 
 
-def _progress(iterable, desc: str, enabled: bool, **kwargs):
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, **kwargs) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
+    """A tqdm bar advanced by hand (``update(1)`` per step, so the count and ETA move every step;
+    ``set_postfix(..., refresh=False)`` never redraws a stale count); a no-op object when disabled."""
     if not enabled:
-        return iterable
+        return _NoBar()
     from tqdm.auto import tqdm
 
-    # Redirected to a file (CI logs): refresh rarely instead of writing a line every 0.1 s.
-    return tqdm(iterable, desc=desc, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 15.0, **kwargs)
+    # Redirected to a file (CI logs): redraw at most every 15 s instead of every 0.1 s.
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, smoothing=0.1,
+                mininterval=0.1 if sys.stderr.isatty() else 15.0)
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> Path:
@@ -1025,7 +956,7 @@ def run(config: dict) -> dict:
         export = recipe.export_hf() if recipe.cfg["export_hf"] else None
         png = recipe.plot()
         evals = [r for r in history if any(k.startswith("eval/") for k in r)]
-        ckpts = _complete_checkpoints(recipe.out / "checkpoints")
+        ckpts = [p for p in step_folders(recipe.out / "checkpoints") if checkpoint_problem(p) is None]
         result = {
             "final_eval": {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {},
             "train_losses": [r["loss"] for r in history if "loss" in r],

@@ -33,7 +33,7 @@ CONFIGS = [ROOT / "recipes" / "configs" / f"{name}.yaml"
         ({"max_grad_norm": float("nan")}, "max_grad_norm"),
         ({"reference_mode": "frozen"}, "reference_mode"),
         ({"model_name_or_path": "some/model"}, "model_name_or_path"),  # both model sources set
-        ({"model_config": {"hidden_size": 8}}, "model_config"),  # no model_type
+        ({"model_config": {"hidden_size": 8}}, "model_config.model_type"),  # no model_type
         ({"objective": "sft", "reference_mode": "live"}, "reference_mode"),
     ],
 )

@@ -92,14 +92,16 @@ def test_loss_decreases_and_metrics_logged(run_2rank):
 
 
 def test_resume_continues_exactly(run_2rank, tmp_path):
-    """Steps 4..6 after resuming from the step-3 checkpoint == steps 4..6 of the straight run."""
+    """Steps 4..6 after resuming from the step-3 checkpoint == steps 4..6 of the straight run; the newer
+    step-6 checkpoint has lost a shard file, so resume warns naming it and falls back to step 3."""
     out = tmp_path / "resumed"
     shutil.copytree(run_2rank["out"], out)
-    shutil.rmtree(out / "checkpoints" / "step_0000006")
+    next((out / "checkpoints" / "step_0000006").glob("*.distcp")).unlink()  # a damaged newest checkpoint
     shutil.rmtree(out / "hf_export")
     (out / "checkpoints" / "step_0000005.tmp").mkdir()  # a crashed save: must be ignored
     stdout = torchrun(run_2rank["cfg"], f"output_dir={out}", "resume=true", "debug_dump_grads=null")
     assert "reference (train): cache hit" in stdout  # same model + data fingerprints: no recompute
+    assert "skipping damaged checkpoint" in stdout and "step_0000006" in stdout and "is missing" in stdout
     assert "resumed from" in stdout and "step_0000003" in stdout
     straight = {r["step"]: r["loss"] for r in _train_rows(run_2rank["rows"])}
     resumed = {r["step"]: r["loss"] for r in _train_rows(read_metrics(out / "metrics.jsonl"))}
