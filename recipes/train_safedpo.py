@@ -46,6 +46,7 @@ if importlib.util.find_spec("safedpo_kernels") is None or importlib.util.find_sp
 from safedpo_kernels import FusedLinearDPOLoss, FusedLinearSafeDPOLoss, linear_logprobs, sequence_logps
 
 from recipes.checkpoint import OutputDirLock, checkpoint_problem, newest_verified, prune_in_background, step_folders
+from recipes.loading import empty_shell, load_own_shards, restore_buffers, snapshot_buffers, weights_folder
 from recipes.config import CONFIG_SCHEMA, check_max_length, hf_config_from_dict, load_config, parse_overrides, validate_config
 
 __all__ = ["CONFIG_SCHEMA", "Recipe", "load_config", "parse_overrides", "run", "validate_config"]
@@ -131,13 +132,12 @@ def _model_config(cfg: dict, tokenizer, attn: str):
 
 
 def _build_lm(cfg: dict, config, *, real: bool) -> nn.Module:
-    """The causal LM in float32: weights loaded (real=True) or an empty shell on the meta device."""
+    """The causal LM in float32: weights loaded (real=True) or a shell with meta parameters (real buffers)."""
     from transformers import AutoModelForCausalLM
 
     common = dict(trust_remote_code=cfg["trust_remote_code"])
     if not real:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=torch.float32, **common)
+        return empty_shell(config, **common)
     if cfg["model_name_or_path"] is not None:
         return AutoModelForCausalLM.from_pretrained(
             cfg["model_name_or_path"], config=config, revision=cfg["model_revision"], dtype=torch.float32, **common)
@@ -347,13 +347,24 @@ class Recipe:
         attn = _attn_implementation(cfg, self.device)
         config = _model_config(cfg, self.tokenizer, attn)
         self.hf_config = config
-        # Rank 0 reads the weights; every rank builds a meta shell that is sharded and then filled
-        # from rank 0 by a broadcast (no rank but 0 ever holds the full model).
-        init = _build_lm(cfg, config, real=True) if self.rank == 0 else None
-        self.policy = self._shard(self._shell(config), init, train=True)
+        # Every rank builds a shell (meta parameters), shards it and reads its own shards from the
+        # checkpoint's safetensors files. Random inits (tests) and .bin-only checkpoints: rank 0
+        # materializes the model and broadcasts the shards (small models only).
+        folder = None
+        if cfg["model_name_or_path"] is not None:
+            def locate() -> str | None:  # rank 0 downloads first; the others then find the files cached
+                found = weights_folder(cfg["model_name_or_path"], cfg["model_revision"])
+                return None if found is None else str(found)
+
+            folder = self._on_rank0(locate)
+            if folder is not None and self.rank != 0:
+                folder = str(weights_folder(cfg["model_name_or_path"], cfg["model_revision"]))
+        init = _build_lm(cfg, config, real=True) if folder is None and self.rank == 0 else None
+        source = Path(folder) if folder is not None else None
+        self.policy = self._shard(self._shell(config), init, source, train=True)
         self.ref = None
         if cfg["objective"] != "sft" and cfg["reference_mode"] == "live":
-            self.ref = self._shard(self._shell(config), init, train=False)
+            self.ref = self._shard(self._shell(config), init, source, train=False)
         del init
         self.collate = PaddedPairCollator(self.tokenizer.pad_token_id, ignore_index=IGNORE_INDEX)
         if cfg["objective"] != "sft" and cfg["reference_mode"] == "precompute":
@@ -372,8 +383,9 @@ class Recipe:
                                             cross_entropy=False, fused_linear_cross_entropy=False)
         return lm
 
-    def _shard(self, lm: nn.Module, init: nn.Module | None, *, train: bool) -> PolicyWithLoss:
-        """fully_shard every decoder layer, then the PolicyWithLoss root; fill from rank 0's weights."""
+    def _shard(self, lm: nn.Module, init: nn.Module | None, folder: Path | None, *, train: bool) -> PolicyWithLoss:
+        """fully_shard every decoder layer, then the PolicyWithLoss root; fill each rank's shards from the
+        safetensors in ``folder``, or (``folder`` None) from rank 0's materialized ``init``."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -392,15 +404,19 @@ class Recipe:
             fully_shard(layer, mp_policy=mp)
         root = PolicyWithLoss(lm, cfg)
         fully_shard(root, mp_policy=mp_root)
+        buffers = snapshot_buffers(lm)  # rotary inv_freq etc.: computed on the CPU by every rank
         root.to_empty(device=self.device)
-        full = {} if init is None else {f"lm.{k}": v for k, v in init.state_dict().items()}
-        set_model_state_dict(root, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        # Buffers that are not in the state dict (rotary inv_freq): same module order on every rank.
-        src = list(init.buffers()) if init is not None else None
-        for i, buf in enumerate(root.lm.buffers()):
-            if src is not None:
-                buf.copy_(src[i])
-            dist.broadcast(buf, src=0)
+        if restore_buffers(root.lm, buffers):
+            raise RuntimeError("model: some buffers were created on the meta device; cannot restore them")
+        if folder is not None:
+            tied = {"lm_head.weight"} if getattr(self.hf_config, "tie_word_embeddings", False) else set()
+            t0 = time.perf_counter()
+            stats = load_own_shards(root.lm, folder, tied_names=tied)
+            self._print(f"weights: rank 0 read {stats['read_bytes'] / 2**20:.3f} of {stats['total_bytes'] / 2**20:.3f}"
+                        f" MiB (its own shards) from {folder} in {time.perf_counter() - t0:.1f} s")
+        else:
+            full = {} if init is None else {f"lm.{k}": v for k, v in init.state_dict().items()}
+            set_model_state_dict(root, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         if not train:
             root.requires_grad_(False)
             root.eval()
@@ -614,7 +630,8 @@ class Recipe:
         safe-vs-unsafe held-out pairs whose implicit reward beta * (log pi - log pi_ref) ranks the safe
         response higher; eval/safe_over_unsafe_logp: the same with plain log-probs (no reference);
         eval/helpful_accuracy_safe_pairs: implicit-reward ranking of the helpfulness winner on pairs
-        where both responses are safe.
+        where both responses are safe. eval/logps_chosen, eval/logps_rejected: mean policy sequence
+        log-probs of the held-out responses (watch the chosen ones fall: likelihood displacement).
         """
         from safedpo_kernels import dpo_loss, safedpo_loss
 
@@ -629,6 +646,7 @@ class Recipe:
         unsafe_lp = torch.where(cu, pc, pr)
         out["eval/safe_over_unsafe_logp"] = _frac(safe_lp > unsafe_lp, mixed)
         out["eval/pairs_safe_vs_unsafe"] = float(mixed.sum())
+        out["eval/logps_chosen"], out["eval/logps_rejected"] = float(pc.double().mean()), float(pr.double().mean())
         if cfg["objective"] == "sft":
             sel = self.data.eval_sel
             sc, _ = self._pair_logps(self.policy, sel, "eval (selected)")

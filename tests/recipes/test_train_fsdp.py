@@ -127,6 +127,23 @@ def test_export_round_trip(run_2rank):
         assert torch.equal(saved[key], exported[key.removeprefix("lm.")]), key
 
 
+def test_pretrained_folder_is_loaded_shard_by_shard_on_2_ranks(run_2rank, tmp_path):
+    """model_name_or_path = the 2-rank run's safetensors export: each rank reads only its own rows of
+    every tensor (rank 0 reads about half the bytes), and the step-0 evaluation of the loaded model equals
+    the final evaluation of the run that wrote it (same weights, same 2-rank evaluation code)."""
+    export = run_2rank["out"] / "hf_export"
+    out = tmp_path / "from_export"
+    stdout = torchrun(run_2rank["cfg"], "model_config=null", f"model_name_or_path={export}", f"output_dir={out}",
+                      "max_steps=1", "debug_dump_grads=null", "export_hf=false", "plot=false")
+    line = next(x for x in stdout.splitlines() if x.startswith("weights: rank 0 read"))
+    read, total = (float(v) for v in line.split()[4:7:2])
+    assert 0.3 * total < read < 0.7 * total, line
+    start = next(r for r in read_metrics(out / "metrics.jsonl") if r["step"] == 0 and "eval/loss" in r)
+    final = [r for r in run_2rank["rows"] if "eval/loss" in r][-1]
+    for key in ("eval/logps_chosen", "eval/logps_rejected", "eval/safe_over_unsafe_logp"):
+        assert start[key] == pytest.approx(final[key], rel=1e-6, abs=1e-6), key
+
+
 def _tiny():
     from recipe_testutils import TINY
 
