@@ -85,7 +85,7 @@ def build_train_command(argv: list[str]) -> list[str]:
     parser.add_argument("--nproc-per-node", "--nproc_per_node", dest="nproc",
                         help="processes per node (default: the number of GPUs, else 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
-    args, torchrun_args = parser.parse_known_args(argv)
+    args, torchrun_args = parser.parse_known_intermixed_args(argv)
     folder = recipes_dir()
     config = resolve_config(args.config, folder)
     multi_node = any(a.startswith(("--nnodes", "--rdzv", "--master")) for a in torchrun_args)

@@ -86,3 +86,44 @@ def test_plan_memory_13b_fits_under_45gb(capsys):
     assert not plan_memory.plan(cfg, gpus=1, gpu_mem_gb=80)["fits"]
     assert plan_memory.main(["--config", str(ROOT / "recipes/configs/llama2_13b_8x80gb.yaml"), "--gpus", "8"]) == 0
     assert "FITS" in capsys.readouterr().out
+
+
+def test_console_entry_points_build_the_torchrun_command(capsys):
+    """safedpo-train: shipped config names resolve, torchrun flags pass through, overrides follow."""
+    import sys
+    import tomllib
+
+    from safedpo_kernels import cli
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"safedpo-train": "safedpo_kernels.cli:train", "safedpo-plan": "safedpo_kernels.cli:plan"}
+    cmd = cli.build_train_command(["tiny_cpu", "--nproc-per-node", "2", "lr=1e-4", "model_config.hidden_size=64"])
+    assert cmd[:4] == [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"]
+    assert "--standalone" in cmd
+    assert cmd[-5:] == [str(ROOT / "recipes" / "train_safedpo.py"), "--config",
+                        str(ROOT / "recipes" / "configs" / "tiny_cpu.yaml"), "lr=1e-4", "model_config.hidden_size=64"]
+    multi = cli.build_train_command(["llama2_13b_8x80gb", "--nnodes=2", "--rdzv-endpoint=h:29500", "--nproc_per_node=8"])
+    assert "--standalone" not in multi and "--nnodes=2" in multi and "--rdzv-endpoint=h:29500" in multi
+    assert multi.index("--nnodes=2") < multi.index(str(ROOT / "recipes" / "train_safedpo.py"))
+    assert cli.train(["tiny_cpu", "--nproc-per-node=2", "--dry-run"]) == 0
+    assert "torch.distributed.run" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="shipped config"):
+        cli.build_train_command(["no_such_config"])
+    assert cli.plan(["llama2_13b_8x80gb", "--gpus", "8", "--gpu-mem", "80"]) == 0
+
+
+def test_nested_overrides_and_model_config_checks(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    cfg = load_config(path, ["model_config.hidden_size=64", "peft.r=4", "eval_fraction=0.1"])
+    assert cfg["model_config"]["hidden_size"] == 64 and cfg["model_config"]["num_hidden_layers"] == 2
+    assert cfg["peft"]["r"] == 4 and cfg["peft"]["lora_alpha"] == 16.0 and cfg["eval_fraction"] == 0.1
+    assert load_config(path, ["peft.r=4", "peft=null"])["peft"] is None
+    with pytest.raises(ValueError, match=r"'model_config\.hidden_sizee'.*LlamaConfig"):
+        load_config(path, ["model_config.hidden_sizee=64"])
+    with pytest.raises(ValueError, match=r"'max_length'.*max_position_embeddings \(128\)"):
+        load_config(path, ["max_length=129"])
+    with pytest.raises(ValueError, match=r"'peft\.rank'"):
+        load_config(path, ["peft.rank=4"])
+    with pytest.raises(ValueError, match=r"'lr' is not a mapping"):
+        parse_overrides(["lr.x=1"], {"lr": 1.0})
