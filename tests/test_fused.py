@@ -34,7 +34,8 @@ def test_module_matches_reference_with_ref_hidden(seed, average_log_prob, bias):
     hidden, ref_hidden, weight, target, b, cu, ru = _batch(b=5, bias=bias)
     leaves = [hidden.requires_grad_(), weight.requires_grad_()] + ([b.requires_grad_()] if bias else [])
     mod = FusedLinearSafeDPOLoss(beta=0.2, delta=4.0, average_log_prob=average_log_prob, impl="torch")
-    loss, metrics = mod(weight, hidden, target, cu, ru, bias=b, ref_input=ref_hidden)
+    loss, _, metrics = mod(weight, hidden, target, b, ref_hidden, chosen_unsafe=cu, rejected_unsafe=ru,
+                           return_metrics=True)
     ref, ref_metrics = reference_fused_safedpo(
         weight, hidden, target, cu, ru, bias=b, ref_input=ref_hidden,
         beta=0.2, delta=4.0, average_log_prob=average_log_prob,
@@ -51,10 +52,11 @@ def test_module_matches_reference_with_ref_hidden(seed, average_log_prob, bias):
 def test_ref_hidden_and_precomputed_ref_logps_agree(seed):
     hidden, ref_hidden, weight, target, b, cu, ru = _batch(b=4)
     mod = FusedLinearSafeDPOLoss(impl="torch")
-    a, ma = mod(weight, hidden, target, cu, ru, bias=b, ref_input=ref_hidden)
+    a, _, ma = mod(weight, hidden, target, b, ref_hidden, chosen_unsafe=cu, rejected_unsafe=ru, return_metrics=True)
     with torch.no_grad():
         ref_seq = sequence_logps(linear_logprobs(ref_hidden, weight, target, bias=b), target)
-    c, mc = mod(weight, hidden, target, cu, ru, bias=b, ref_chosen_logps=ref_seq[:4], ref_rejected_logps=ref_seq[4:])
+    c, _, mc = mod(weight, hidden, target, b, chosen_unsafe=cu, rejected_unsafe=ru, ref_chosen_logps=ref_seq[:4],
+                   ref_rejected_logps=ref_seq[4:], return_metrics=True)
     torch.testing.assert_close(a, c, rtol=0, atol=0)
     for k in ma:
         torch.testing.assert_close(ma[k], mc[k], rtol=0, atol=0)
@@ -65,7 +67,7 @@ def test_separate_reference_head(seed):
     ref_weight = weight + 0.05 * torch.randn_like(weight)
     ref_bias = torch.randn_like(b)
     mod = FusedLinearSafeDPOLoss(impl="torch")
-    loss, _ = mod(weight, hidden, target, cu, ru, bias=b, ref_input=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
+    loss, _ = mod(weight, hidden, target, b, ref_hidden, ref_weight, ref_bias, chosen_unsafe=cu, rejected_unsafe=ru)
     ref, _ = reference_fused_safedpo(weight, hidden, target, cu, ru, bias=b, ref_input=ref_hidden,
                                      ref_weight=ref_weight, ref_bias=ref_bias)
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
@@ -74,7 +76,8 @@ def test_separate_reference_head(seed):
 def test_float32_module_close_to_float64(seed):
     hidden, ref_hidden, weight, target, b, cu, ru = _batch(b=4, dtype=torch.float32)
     hidden.requires_grad_()
-    loss, _ = FusedLinearSafeDPOLoss(impl="torch")(weight, hidden, target, cu, ru, bias=b, ref_input=ref_hidden)
+    loss, _ = FusedLinearSafeDPOLoss(impl="torch")(weight, hidden, target, b, ref_hidden, chosen_unsafe=cu,
+                                                   rejected_unsafe=ru)
     assert loss.dtype == torch.float32
     h64 = hidden.detach().double().requires_grad_()
     ref, _ = reference_fused_safedpo(weight.double(), h64, target, cu, ru, bias=b.double(),
@@ -90,7 +93,8 @@ def test_all_dropped_batch_backpropagates_zero(seed):
     ones = torch.ones(4, dtype=torch.bool)
     hidden.requires_grad_()
     weight.requires_grad_()
-    loss, metrics = FusedLinearSafeDPOLoss(impl="torch")(weight, hidden, target, ones, ones, ref_input=ref_hidden)
+    loss, _, metrics = FusedLinearSafeDPOLoss(impl="torch")(weight, hidden, target, ref_input=ref_hidden, chosen_unsafe=ones,
+                                                          rejected_unsafe=ones, return_metrics=True)
     loss.backward()
     assert loss.item() == 0.0 and metrics["pairs/kept"].item() == 0
     assert torch.all(hidden.grad == 0) and torch.all(weight.grad == 0)
@@ -101,8 +105,8 @@ def test_fully_ignored_sequence_has_zero_logp_not_nan(seed):
     target[1] = -100
     target[5] = -100
     for avg in (False, True):
-        loss, metrics = FusedLinearSafeDPOLoss(average_log_prob=avg, impl="torch")(
-            weight, hidden, target, cu, ru, ref_input=ref_hidden
+        loss, _, metrics = FusedLinearSafeDPOLoss(average_log_prob=avg, impl="torch")(
+            weight, hidden, target, ref_input=ref_hidden, chosen_unsafe=cu, rejected_unsafe=ru, return_metrics=True
         )
         assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
     tok = linear_logprobs(hidden, weight, target)
@@ -120,8 +124,9 @@ def test_packed_layout_equals_padded(seed):
     packed_t = torch.cat([target[i, :n] for i, n in enumerate(lengths)])
     cu_seqlens = torch.tensor([0] + lengths).cumsum(0).int()
     mod = FusedLinearSafeDPOLoss(impl="torch")
-    a, _ = mod(weight, hidden, padded_target, cu, ru, bias=b, ref_input=ref_hidden)
-    c, _ = mod(weight, packed_h[None], packed_t[None], cu, ru, bias=b, ref_input=packed_ref[None], cu_seqlens=cu_seqlens)
+    a, _ = mod(weight, hidden, padded_target, b, ref_hidden, chosen_unsafe=cu, rejected_unsafe=ru)
+    c, _ = mod(weight, packed_h[None], packed_t[None], b, packed_ref[None], chosen_unsafe=cu, rejected_unsafe=ru,
+               cu_seqlens=cu_seqlens)
     torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
     avg = packed_sequence_logps(linear_logprobs(packed_h, weight, packed_t), packed_t, cu_seqlens, average=True)
     ref_avg = sequence_logps(linear_logprobs(hidden, weight, padded_target), padded_target, average=True)
@@ -131,8 +136,9 @@ def test_packed_layout_equals_padded(seed):
 def test_dpo_module_equals_safedpo_with_safe_flags_and_no_margin(seed):
     hidden, ref_hidden, weight, target, b, _, _ = _batch(b=4)
     zeros = torch.zeros(4)
-    a, _ = FusedLinearSafeDPOLoss(delta=0.0, impl="torch")(weight, hidden, target, zeros, zeros, ref_input=ref_hidden)
-    c, m = FusedLinearDPOLoss(impl="torch")(weight, hidden, target, ref_input=ref_hidden)
+    a, _ = FusedLinearSafeDPOLoss(delta=0.0, impl="torch")(weight, hidden, target, ref_input=ref_hidden,
+                                                       chosen_unsafe=zeros, rejected_unsafe=zeros)
+    c, _, m = FusedLinearDPOLoss(impl="torch")(weight, hidden, target, ref_input=ref_hidden, return_metrics=True)
     torch.testing.assert_close(a, c, rtol=0, atol=0)
     assert "rewards/accuracies" in m
 
