@@ -75,7 +75,7 @@ class RecipeConfig(BaseModel):
     beta: float = Field(0.1, gt=0)
     delta: float = Field(10.0, ge=0)
     loss_type: str = Field("sigmoid", min_length=1)
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # per loss_type: checked by the losses module
     reference_free: bool = False
     rpo_alpha: Optional[float] = Field(None, ge=0)
     average_log_prob: bool = False
@@ -139,6 +139,14 @@ class RecipeConfig(BaseModel):
             raise _KeyError("reference_mode", "'live' has no meaning for objective 'sft' (no reference)")
         if self.objective == "sft" and self.reference_free:
             raise _KeyError("reference_free", "has no meaning for objective 'sft' (no reference)")
+        from safedpo_kernels.losses import check_loss_options
+
+        try:
+            check_loss_options(self.beta, self.loss_type, self.label_smoothing)
+        except ValueError as err:
+            key = str(err).split(":", 1)[0]
+            raise _KeyError(key if key in ("loss_type", "label_smoothing") else "loss_type",
+                            str(err).split(":", 1)[1].strip()) from None
         if self.eval_fraction is not None and self.eval_dataset is not None:
             raise _KeyError("eval_fraction", "set at most one of eval_fraction and eval_dataset")
         if self.eval_fraction is not None and self.eval_split is None:

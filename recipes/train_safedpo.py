@@ -43,7 +43,8 @@ _ROOT = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("safedpo_kernels") is None or importlib.util.find_spec("recipes") is None:
     sys.path.insert(0, str(_ROOT))  # run as a script from a checkout: the package and recipes/ importable
 
-from safedpo_kernels import FusedLinearDPOLoss, FusedLinearSafeDPOLoss, linear_logprobs, sequence_logps
+from safedpo_kernels import (FusedLinearDPOLoss, FusedLinearSafeDPOLoss, count_kept_pairs, linear_logprobs,
+                             safety_transform, sequence_logps)
 
 from recipes.checkpoint import OutputDirLock, checkpoint_problem, newest_verified, prune_in_background, step_folders
 from recipes.loading import empty_shell, load_own_shards, restore_buffers, snapshot_buffers, weights_folder
@@ -60,46 +61,88 @@ IGNORE_INDEX = -100
 
 
 class PolicyWithLoss(nn.Module):
-    """Root FSDP unit. ``forward`` runs ``lm.<base>(...)`` and our loss on ``lm_head.weight``.
+    """Root FSDP unit. ``forward`` runs ``lm.<base>(...)`` and our loss on the output head.
 
-    Inputs (from the pair collator): input_ids / attention_mask / labels (2B, T), B chosen rows then
-    B rejected rows, HF-style labels (IGNORE_INDEX on prompt and padding); chosen_unsafe /
-    rejected_unsafe (B,) bool; ref_chosen_logps / ref_rejected_logps (B,) float32 or None.
-    ``what="loss"``: (loss, metrics) of the objective (SFT: the summed token NLL, and its token count in
-    the metrics). ``what="logps"``: (2B,) float32 sequence log-probs, no loss.
+    The head (weight, bias, logit_scale, softcap: Gemma 2's soft cap, Cohere's and Granite's scales)
+    is read only through :func:`safedpo_kernels.integrations.output_head`, inside this forward where
+    FSDP2 has gathered it. Inputs (from the pair collator): input_ids / attention_mask / labels (2B, T),
+    B chosen rows then B rejected rows, HF-style labels (IGNORE_INDEX on prompt and padding);
+    chosen_unsafe / rejected_unsafe (B,) bool; ref_chosen_logps / ref_rejected_logps (B,) float32 or
+    None; num_units / num_nll_tokens: the step-wide normalizers (kept pairs, pairs or target tokens of
+    every micro-batch on every rank; NLL winner tokens).
+    ``what="loss"``: (loss, metrics) of the objective (SFT: the token NLL over num_units).
+    ``what="logps"``: (2B,) float32 sequence log-probs, no loss. ``what="ref_logps"``: the same with the
+    LoRA adapters disabled (the reference of a LoRA run: the base model; no second copy in memory).
+    With ``live_reference`` (LoRA, reference_mode live) the loss computes its reference this way.
     """
 
-    def __init__(self, lm: nn.Module, cfg: dict):
+    def __init__(self, lm: nn.Module, cfg: dict, *, live_reference: bool = False):
         super().__init__()
+        from safedpo_kernels.integrations import output_head
+
         self.lm = lm
         self.objective = cfg["objective"]
-        self.average_log_prob = cfg["average_log_prob"]
         self.impl = cfg["loss_impl"]
+        self.live_reference = live_reference
+        self.use_ref = not cfg["reference_free"]
+        head = output_head(lm)  # logit transform of the model class (the weight itself is read per forward)
+        self.logit_scale, self.softcap = head.logit_scale, head.softcap
+        common = dict(ignore_index=IGNORE_INDEX, beta=cfg["beta"], alpha=cfg["rpo_alpha"] or 0.0,
+                      compute_nll_loss=cfg["rpo_alpha"] is not None, use_ref_model=self.use_ref,
+                      average_log_prob=cfg["average_log_prob"], loss_type=cfg["loss_type"],
+                      label_smoothing=cfg["label_smoothing"], impl=self.impl, logit_scale=self.logit_scale,
+                      softcap=self.softcap)
+        self.loss_fn = None
         if self.objective == "safedpo":
-            self.loss_fn = FusedLinearSafeDPOLoss(cfg["beta"], cfg["delta"], IGNORE_INDEX, self.average_log_prob,
-                                                  self.impl)
+            self.loss_fn = FusedLinearSafeDPOLoss(**common, delta=cfg["delta"])
         elif self.objective == "dpo":
-            self.loss_fn = FusedLinearDPOLoss(cfg["beta"], IGNORE_INDEX, self.average_log_prob, self.impl)
+            self.loss_fn = FusedLinearDPOLoss(**common)
+        # Sequence log-probs for the reference, evaluation and SFT: averaged where the loss averages.
+        self.average = self.loss_fn.averages_log_probs if self.loss_fn is not None else cfg["average_log_prob"]
 
-    def forward(self, input_ids, attention_mask, labels, chosen_unsafe=None, rejected_unsafe=None,
-                ref_chosen_logps=None, ref_rejected_logps=None, what: str = "loss"):
+    def _hidden_and_head(self, input_ids, attention_mask, labels):
+        from safedpo_kernels.integrations import output_head
+
         base = getattr(self.lm, self.lm.base_model_prefix)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        hidden, target = hidden[:, :-1], labels[:, 1:]  # hidden[:, t] predicts labels[:, t + 1]
-        head = self.lm.get_output_embeddings()
-        weight, bias = head.weight, getattr(head, "bias", None)
+        return hidden[:, :-1], labels[:, 1:], output_head(self.lm)  # hidden[:, t] predicts labels[:, t + 1]
+
+    def _token_logps(self, hidden, target, head):
+        return linear_logprobs(hidden, head.weight, target, bias=head.bias, ignore_index=IGNORE_INDEX,
+                               impl=self.impl, logit_scale=head.logit_scale, softcap=head.softcap)
+
+    def _sequence_logps(self, input_ids, attention_mask, labels):
+        hidden, target, head = self._hidden_and_head(input_ids, attention_mask, labels)
+        tok = self._token_logps(hidden, target, head)
+        return sequence_logps(tok, target, ignore_index=IGNORE_INDEX, average=self.average)
+
+    def forward(self, input_ids, attention_mask, labels, chosen_unsafe=None, rejected_unsafe=None,
+                ref_chosen_logps=None, ref_rejected_logps=None, num_units=None, num_nll_tokens=None,
+                what: str = "loss"):
+        if what == "ref_logps":
+            with torch.no_grad(), self.lm.disable_adapter():
+                return self._sequence_logps(input_ids, attention_mask, labels)
         if what == "logps":
-            tok = linear_logprobs(hidden, weight, target, bias=bias, ignore_index=IGNORE_INDEX, impl=self.impl)
-            return sequence_logps(tok, target, ignore_index=IGNORE_INDEX, average=self.average_log_prob)
+            return self._sequence_logps(input_ids, attention_mask, labels)
+        if self.live_reference and self.use_ref and self.objective != "sft":
+            with torch.no_grad(), self.lm.disable_adapter():
+                ref = self._sequence_logps(input_ids, attention_mask, labels)
+            b = ref.shape[0] // 2
+            ref_chosen_logps, ref_rejected_logps = ref[:b], ref[b:]
+        hidden, target, head = self._hidden_and_head(input_ids, attention_mask, labels)
         if self.objective == "sft":
-            tok = linear_logprobs(hidden, weight, target, bias=bias, ignore_index=IGNORE_INDEX, impl=self.impl)
+            tok = self._token_logps(hidden, target, head)
             n = (target != IGNORE_INDEX).sum()
-            nll = -tok.sum()
-            return nll, {"loss": nll.detach() / n.clamp(min=1), "tokens/target": n.float()}
-        refs = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
+            nll = -tok.sum() / (n.clamp(min=1) if num_units is None else num_units.clamp(min=1)).to(tok.dtype)
+            return nll, {"loss": -tok.detach().sum() / n.clamp(min=1), "tokens/target": n.float()}
+        refs = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps} if self.use_ref else {}
+        kwargs = dict(num_nll_tokens=num_nll_tokens, return_metrics=True, **refs)
         if self.objective == "safedpo":
-            return self.loss_fn(weight, hidden, target, chosen_unsafe, rejected_unsafe, bias=bias, **refs)
-        return self.loss_fn(weight, hidden, target, bias=bias, **refs)
+            loss, _, metrics = self.loss_fn(head.weight, hidden, target, head.bias, chosen_unsafe=chosen_unsafe,
+                                            rejected_unsafe=rejected_unsafe, num_kept_pairs=num_units, **kwargs)
+        else:
+            loss, _, metrics = self.loss_fn(head.weight, hidden, target, head.bias, num_pairs=num_units, **kwargs)
+        return loss, metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,11 +406,12 @@ class Recipe:
         source = Path(folder) if folder is not None else None
         self.policy = self._shard(self._shell(config), init, source, train=True)
         self.ref = None
-        if cfg["objective"] != "sft" and cfg["reference_mode"] == "live":
+        needs_ref = cfg["objective"] != "sft" and not cfg["reference_free"]
+        if needs_ref and cfg["reference_mode"] == "live" and cfg["peft"] is None:
             self.ref = self._shard(self._shell(config), init, source, train=False)
         del init
         self.collate = PaddedPairCollator(self.tokenizer.pad_token_id, ignore_index=IGNORE_INDEX)
-        if cfg["objective"] != "sft" and cfg["reference_mode"] == "precompute":
+        if needs_ref and cfg["reference_mode"] == "precompute":
             self._precompute_reference()
         n_params = sum(p.numel() for p in self.policy.parameters())  # global sizes (DTensor numel)
         self._print(f"model: {config.model_type}, {n_params / 1e6:.2f}M parameters, attn={attn}, "
@@ -423,7 +467,7 @@ class Recipe:
         return root
 
     # ----------------------------------------------------------------------------- reference
-    def _pair_logps(self, model: nn.Module, ds, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pair_logps(self, model: nn.Module, ds, desc: str, what: str = "logps") -> tuple[torch.Tensor, torch.Tensor]:
         """(N,) chosen and (N,) rejected float32 sequence log-probs of ``ds`` on every rank (no grad).
 
         Rows are split round-robin over ranks; each rank runs the same number of forwards (FSDP needs
@@ -440,7 +484,7 @@ class Recipe:
             for b in range(n_batches):
                 idx = mine[b * bs:(b + 1) * bs]
                 batch = self._to_device(self.collate([ds[i] for i in (idx or [0])]))
-                logps = model(batch["input_ids"], batch["attention_mask"], batch["labels"], what="logps")
+                logps = model(batch["input_ids"], batch["attention_mask"], batch["labels"], what=what)
                 if idx:
                     k = len(idx)
                     out[0, idx] = logps[:k].double()
@@ -528,8 +572,17 @@ class Recipe:
         if self.cfg["objective"] == "sft":
             return (batch["labels"][:, 1:] != IGNORE_INDEX).sum().double()
         if self.cfg["objective"] == "safedpo":
-            return (~(batch["chosen_unsafe"].bool() & batch["rejected_unsafe"].bool())).sum().double()
+            return count_kept_pairs(batch["chosen_unsafe"], batch["rejected_unsafe"]).double()
         return torch.tensor(float(batch["chosen_unsafe"].shape[0]), dtype=torch.float64)
+
+    def _nll_tokens(self, batch: dict) -> torch.Tensor:
+        """Trained tokens of the T(D) winners of kept pairs (the NLL term's normalizer; DPO: chosen)."""
+        counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).double()
+        b = counts.shape[0] // 2
+        if self.cfg["objective"] != "safedpo":
+            return counts[:b].sum()
+        keep, swap, _ = safety_transform(batch["chosen_unsafe"], batch["rejected_unsafe"])
+        return torch.where(keep, torch.where(swap, counts[b:], counts[:b]), torch.zeros_like(counts[:b])).sum()
 
     def _sft_view(self, batch: dict) -> dict:
         """SFT trains on the chosen rows (or both responses), no flags or reference."""
@@ -540,26 +593,29 @@ class Recipe:
     def _train_step(self, batches: list[dict]) -> dict[str, float]:
         """Forward + backward of every micro-batch, gradients of the mean over the GLOBAL batch, step.
 
-        Each micro-batch loss is a mean over its own units; rescaling by units * world / global units
-        makes the FSDP-averaged gradient exactly that of the mean over all units of all ranks.
+        The kept pairs (pairs, target tokens; NLL winner tokens) of all micro-batches on all ranks are
+        counted with one all-reduce before the forwards and passed to the loss as its normalizer
+        (``num_kept_pairs``), so ranks with more dropped pairs do not weigh more.
         """
         sft = self.cfg["objective"] == "sft"
         if sft:
             batches = [self._sft_view(b) for b in batches]
         units = [self._units(b).to(self.device) for b in batches]
-        global_units = torch.stack(units).sum()
-        dist.all_reduce(global_units)
+        nll = self.cfg["rpo_alpha"] is not None and not sft
+        totals = torch.stack([torch.stack(units).sum(), torch.stack([self._nll_tokens(b) for b in batches]).sum().to(
+            self.device) if nll else torch.zeros((), dtype=torch.float64, device=self.device)])
+        dist.all_reduce(totals)  # step-wide normalizers: every micro-batch of every rank
+        global_units, global_nll_tokens = totals[0], (totals[1] if nll else None)
         sums: dict[str, torch.Tensor] = {}
         t0 = time.perf_counter()
         for batch, n in zip(batches, units):
             if self.ref is not None:  # live reference: a frozen sharded copy, forward only
                 batch = {**batch, **self._live_ref_logps(batch)}
-            loss, metrics = self.policy(**{k: batch[k] for k in _MODEL_INPUTS if k in batch})
-            if sft:  # loss is the summed NLL of this micro-batch
-                scaled = loss * (self.world / global_units.clamp(min=1)).to(loss.dtype)
-            else:
-                scaled = loss * (n * self.world / global_units.clamp(min=1)).to(loss.dtype)
-            scaled.backward()
+            loss, metrics = self.policy(**{k: batch[k] for k in _MODEL_INPUTS if k in batch},
+                                        num_units=global_units, num_nll_tokens=global_nll_tokens)
+            # The loss is (sum over this micro-batch) / (global count); FSDP averages gradients over
+            # ranks, so x world makes the update that of the mean over the whole step.
+            (loss * self.world).backward()
             _accumulate(sums, metrics, n, batch)
         if self.cfg["debug_dump_grads"] and self.step == 0:
             self._dump_grads(Path(self.cfg["debug_dump_grads"]), batches)
@@ -661,19 +717,28 @@ class Recipe:
         sel = self.data.eval_sel
         spc, spr = self._pair_logps(self.policy, sel, "eval (selected)") if sel is not raw else (pc, pr)
         src, srr = self._ref_logps(sel, "eval_sel")
+        if cfg["reference_free"]:
+            src = srr = None
+        opts = dict(beta=beta, loss_type=cfg["loss_type"], label_smoothing=cfg["label_smoothing"], return_metrics=True)
         if cfg["objective"] == "safedpo":
             scu = torch.tensor(sel["chosen_unsafe"], dtype=torch.bool)
             sru = torch.tensor(sel["rejected_unsafe"], dtype=torch.bool)
-            loss, m = safedpo_loss(spc, spr, src, srr, scu, sru, beta=beta, delta=cfg["delta"], return_metrics=True)
+            loss, m = safedpo_loss(spc, spr, src, srr, scu, sru, delta=cfg["delta"], **opts)
         else:
-            loss, m = dpo_loss(spc, spr, src, srr, beta=beta, return_metrics=True)
+            loss, m = dpo_loss(spc, spr, src, srr, **opts)
         out.update({"eval/loss": float(loss), "eval/accuracy": float(m["rewards/accuracies"]),
                     "eval/margins": float(m["rewards/margins"])})
         return out
 
     def _ref_logps(self, ds, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs of ``ds``: 0 (reference-free), live (frozen copy, or the adapter-disabled
+        LoRA policy), or the precomputed columns."""
+        if self.cfg["reference_free"]:
+            return torch.zeros(len(ds)), torch.zeros(len(ds))
         if self.ref is not None:
             return self._pair_logps(self.ref, ds, f"eval reference ({name})")
+        if self.policy.live_reference:
+            return self._pair_logps(self.policy, ds, f"eval reference ({name})", what="ref_logps")
         return (torch.tensor(ds["ref_chosen_logps"], dtype=torch.float32),
                 torch.tensor(ds["ref_rejected_logps"], dtype=torch.float32))
 
@@ -842,7 +907,7 @@ _MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "chosen_unsafe", "reje
                  "ref_chosen_logps", "ref_rejected_logps")
 _MEAN_OVER_UNITS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                     "logps/chosen", "logps/rejected")
-_COUNTS = ("pairs/kept", "pairs/swapped", "pairs/dropped")
+_COUNTS = ("pairs/kept", "pairs/swapped", "pairs/dropped", "nll_loss")  # summed (nll_loss: already / global)
 
 
 def _accumulate(sums: dict, metrics: dict, units: torch.Tensor, batch: dict) -> None:
