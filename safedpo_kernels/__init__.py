@@ -5,6 +5,7 @@ Public API (see README.md and docs/losses.md):
     safedpo_loss, dpo_loss   SafeDPO / SafeDAA (T(D) + safety margin) and plain DPO-family losses on
                              sequence log-probs, every loss type in LOSS_TYPES
     count_kept_pairs         kept-pair count of a batch (the normalizer for exact accumulation)
+    count_nll_tokens         T(D)-winner token count (the NLL term's normalizer)
     safety_transform         T(D) as keep / swap / safe-vs-unsafe masks
     FusedLinearSafeDPOLoss   drop-in for Liger's LigerFusedLinearDPOLoss: hidden states + lm_head weight
     FusedLinearDPOLoss       the same for plain DPO
@@ -24,6 +25,7 @@ from safedpo_kernels.losses import (
     AVERAGED_LOSS_TYPES,
     LOSS_TYPES,
     count_kept_pairs,
+    count_nll_tokens,
     dpo_loss,
     safedpo_loss,
     safety_transform,
@@ -37,6 +39,7 @@ __all__ = [
     "FusedLinearSafeDPOLoss",
     "LOSS_TYPES",
     "count_kept_pairs",
+    "count_nll_tokens",
     "dpo_loss",
     "linear_logprobs",
     "packed_sequence_logps",

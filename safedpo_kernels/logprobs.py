@@ -161,9 +161,12 @@ def _target_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return t * head.softcap, (1 - t * t) * head.logit_scale
 
 
-def _nan_where_nonfinite_(logp: torch.Tensor) -> torch.Tensor:
-    """A log-prob is finite for finite inputs; +-inf (an infinite input) becomes NaN, never a number."""
-    return logp.masked_fill_(~torch.isfinite(logp), float("nan"))
+def _nan_where_nonfinite_(logp: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """NaN for a token whose hidden state has a non-finite entry (a softcap would otherwise turn an
+    infinite logit into a finite log-prob) and for an infinite log-prob (a +inf logit, or a label at
+    a logit of -inf): never a number a loss could turn finite. In place on logp (T,); h (T, H)."""
+    bad = ~torch.isfinite(logp) | ~torch.isfinite(h).all(-1)
+    return logp.masked_fill_(bad, float("nan"))
 
 
 def _spans(total: int, step: int):
@@ -198,8 +201,8 @@ def chunked_forward(
             part = torch.logsumexp(logits, dim=-1)
             run = part if run is None else torch.logaddexp(run, part)
         lse[s0:s1] = run
-        logp[s0:s1] = _target_logits(h, weight, bias, labels[s0:s1], head, acc)[0] - run
-    return _nan_where_nonfinite_(logp), lse
+        logp[s0:s1] = _nan_where_nonfinite_(_target_logits(h, weight, bias, labels[s0:s1], head, acc)[0] - run, h)
+    return logp, lse
 
 
 def frozen_head_forward(
@@ -243,9 +246,9 @@ def frozen_head_forward(
         if head.softcap is None and head.logit_scale != 1.0:
             mean.mul_(head.logit_scale)
         l_y, d_y = _target_logits(h, weight, bias, labels[s0:s1], head, acc)
-        logp[s0:s1] = l_y - (run_max + torch.log(run_sum))
+        logp[s0:s1] = _nan_where_nonfinite_(l_y - (run_max + torch.log(run_sum)), h)
         torch.sub(weight[labels[s0:s1]].to(acc).mul_(d_y[:, None]), mean, out=direction[s0:s1])
-    return _nan_where_nonfinite_(logp), direction
+    return logp, direction
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,6 +115,26 @@ def count_kept_pairs(chosen_unsafe: torch.Tensor, rejected_unsafe: torch.Tensor)
     return safety_transform(chosen_unsafe, rejected_unsafe).keep.sum()
 
 
+def count_nll_tokens(
+    chosen_unsafe: torch.Tensor | None,
+    rejected_unsafe: torch.Tensor | None,
+    chosen_token_counts: torch.Tensor,
+    rejected_token_counts: torch.Tensor,
+) -> torch.Tensor:
+    """Trained tokens of the winners after T(D) (the NLL term's normalizer): a 0-dim int64 tensor.
+
+    Flags None (plain DPO): the chosen responses' tokens. Token counts (B,) int. Sum it over an
+    optimizer step's micro-batches and ranks and pass it as ``num_nll_tokens``.
+    """
+    chosen = check_tensor("chosen_token_counts", chosen_token_counts)
+    rejected = check_tensor("rejected_token_counts", rejected_token_counts)
+    if chosen_unsafe is None and rejected_unsafe is None:
+        return chosen.sum().long()
+    t = safety_transform(chosen_unsafe, rejected_unsafe)
+    winner = torch.where(t.swap, rejected.to(t.swap.device), chosen.to(t.swap.device))
+    return torch.where(t.keep, winner, torch.zeros_like(winner)).sum().long()
+
+
 def check_loss_options(beta: float, loss_type: str, label_smoothing: float = 0.0,
                        discopop_tau: float = 0.05) -> LossOptions:
     """Validate ``beta``, ``loss_type``, ``label_smoothing`` and ``discopop_tau`` together."""
@@ -489,6 +509,7 @@ __all__ = [
     "SafetyTransform",
     "check_loss_options",
     "count_kept_pairs",
+    "count_nll_tokens",
     "dpo_loss",
     "pair_losses",
     "safedpo_loss",

@@ -10,30 +10,14 @@ import safedpo_kernels.logprobs as lp
 from safedpo_kernels import linear_logprobs
 from safedpo_kernels.reference import reference_linear_logprobs
 
+from logprobs_testutils import f64_grads, make_inputs, rel, small_chunks  # noqa: F401 (fixture)
 
-def _inputs(shape, h, v, dtype, ignore_frac=0.3, bias=False):
-    hidden = torch.randn(*shape, h, dtype=dtype) * 2
-    weight = torch.randn(v, h, dtype=dtype) / h**0.25
-    labels = torch.randint(0, v, shape)
-    labels[torch.rand(shape) < ignore_frac] = -100
-    b = torch.randn(v, dtype=dtype) if bias else None
-    return hidden, weight, labels, b
+
+_inputs = make_inputs
 
 
 def _f64_grads(hidden, weight, labels, bias, upstream):
-    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight)]
-    b = None if bias is None else bias.detach().double().requires_grad_()
-    out = reference_linear_logprobs(leaves[0], leaves[1], labels, bias=b)
-    grads = torch.autograd.grad((out * upstream.double()).sum(), leaves + ([b] if b is not None else []))
-    return out, grads
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Force several token chunks and several vocab blocks on tiny shapes (V=333: 7-token chunks,
-    100-row vocab blocks for float32; smaller blocks where a weight-gradient block shares the budget)."""
-    monkeypatch.setattr(lp, "MIN_TOKEN_CHUNK", 7)
-    monkeypatch.setenv("SAFEDPO_CHUNK_BUDGET_MB", str(7 * 100 * 4 * 3 / 2**20))
+    return f64_grads(hidden, weight, labels, bias, upstream)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -65,10 +49,7 @@ def test_float64_is_exact_to_rounding(seed, small_chunks):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
 
 
-def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """Relative Frobenius error against a float64 reference."""
-    ref = ref.detach()
-    return float((a.detach().double() - ref).norm() / ref.norm().clamp_min(1e-300))
+_rel = rel
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
