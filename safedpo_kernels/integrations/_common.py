@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,15 @@ from torch import nn
 from safedpo_kernels._checks import IMPLS, check_beta_delta, check_choice, check_ignore_index
 from safedpo_kernels.integrations.heads import output_head, unwrap_model
 from safedpo_kernels.integrations.model import causal_lm_sequence_logps, forward_hidden_states
-from safedpo_kernels.losses import LOSS_TYPES, count_kept_pairs, safedpo_loss, safety_transform
+from safedpo_kernels.losses import (
+    AVERAGED_LOSS_TYPES,
+    LABEL_SMOOTHING_LOSS_TYPES,
+    LOSS_TYPES,
+    check_loss_options,
+    count_kept_pairs,
+    safedpo_loss,
+    safety_transform,
+)
 
 #: Batch keys that are not model inputs (everything else in a batch is passed to the model's forward).
 NON_MODEL_KEYS = frozenset(
@@ -28,19 +37,22 @@ NLL_LOSS_TYPE = "sft"
 
 
 @dataclass(frozen=True)
-class LossOptions:
+class ObjectiveOptions:
     """The SafeDPO objective of a trainer, validated once at construction.
 
     ``loss_types`` / ``loss_weights``: the weighted sum of SafeDPO losses (any of
-    ``safedpo_kernels.LOSS_TYPES``) and ``"sft"`` (the NLL of the T(D) winner, TRL's name);
-    ``rpo_alpha`` adds ``rpo_alpha * NLL`` (RPO). ``reference_free``: reference log-probs are 0.
+    ``safedpo_kernels.LOSS_TYPES``, T(D) and the margin ``delta`` applied to each) and ``"sft"``
+    (TRL's name for the NLL term: the token-mean NLL of the T(D) winners); ``rpo_alpha`` adds
+    ``rpo_alpha * NLL`` (RPO). ``label_smoothing`` goes to the loss types that read it (cDPO for
+    "sigmoid", "robust", "exo_pair"). ``reference_free``: reference log-probs are 0.
     """
 
     beta: float = 0.1
     delta: float = 10.0
     loss_types: tuple[str, ...] = ("sigmoid",)
-    loss_weights: tuple[float, ...] = (1.0,)
+    loss_weights: tuple[float, ...] | None = None
     label_smoothing: float = 0.0
+    discopop_tau: float = 0.05
     reference_free: bool = False
     rpo_alpha: float | None = None
     average_log_prob: bool = False
@@ -52,31 +64,40 @@ class LossOptions:
         check_choice("impl", self.impl, IMPLS)
         object.__setattr__(self, "ignore_index", check_ignore_index("ignore_index", self.ignore_index))
         types = (self.loss_types,) if isinstance(self.loss_types, str) else tuple(self.loss_types)
-        if not types:
-            raise ValueError("loss_type: expected at least one loss type, got []")
         allowed = (*LOSS_TYPES, NLL_LOSS_TYPE)
         for t in types:
             if t not in allowed:
                 raise ValueError(f"loss_type: expected one of {list(allowed)} (or a list of them), got {t!r}")
-        if all(t == NLL_LOSS_TYPE for t in types):
-            raise ValueError(f"loss_type: {list(types)} has no preference loss; add e.g. 'sigmoid'")
         weights = (1.0,) * len(types) if self.loss_weights is None else tuple(self.loss_weights)
         if len(weights) != len(types):
             raise ValueError(f"loss_weights: expected {len(types)} weights (one per loss_type), got {list(weights)}")
         for w in weights:
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-                raise ValueError(f"loss_weights: expected finite floats, got {list(weights)}")
-        if self.rpo_alpha is not None and (isinstance(self.rpo_alpha, bool) or not isinstance(self.rpo_alpha, (int, float))
-                                           or not math.isfinite(self.rpo_alpha) or self.rpo_alpha < 0):
-            raise ValueError(f"rpo_alpha: expected None or a finite float >= 0, got {self.rpo_alpha!r}")
-        if not isinstance(self.label_smoothing, (int, float)) or not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing: expected a float in [0, 0.5), got {self.label_smoothing!r}")
+            if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
+                raise ValueError(f"loss_weights: expected finite numbers, got {list(weights)}")
+        if not any(t != NLL_LOSS_TYPE and w != 0 for t, w in zip(types, weights)):
+            raise ValueError(f"loss_type: {list(types)} with loss_weights {list(weights)} has no preference loss "
+                             "with a nonzero weight; add e.g. 'sigmoid'")
+        rpo = self.rpo_alpha
+        if rpo is not None and (isinstance(rpo, bool) or not isinstance(rpo, numbers.Real)
+                                or not math.isfinite(rpo) or rpo < 0):
+            raise ValueError(f"rpo_alpha: expected None or a finite number >= 0, got {rpo!r}")
+        if self.label_smoothing != 0 and not set(types) & set(LABEL_SMOOTHING_LOSS_TYPES):
+            raise ValueError(f"label_smoothing: none of loss_type {list(types)} uses it (only "
+                             f"{list(LABEL_SMOOTHING_LOSS_TYPES)} do), got {self.label_smoothing!r}; pass 0.0")
+        for t in types:
+            if t != NLL_LOSS_TYPE:
+                check_loss_options(self.beta, t, self._smoothing(t), self.discopop_tau)
         object.__setattr__(self, "loss_types", types)
         object.__setattr__(self, "loss_weights", tuple(float(w) for w in weights))
 
+    def _smoothing(self, loss_type: str) -> float:
+        return self.label_smoothing if loss_type in LABEL_SMOOTHING_LOSS_TYPES else 0.0
+
     @property
-    def uses_nll(self) -> bool:
-        return NLL_LOSS_TYPE in self.loss_types or bool(self.rpo_alpha)
+    def nll_weight(self) -> float:
+        """Total weight of the NLL term: ``rpo_alpha`` plus the weights of "sft" entries."""
+        return float(self.rpo_alpha or 0.0) + sum(w for t, w in zip(self.loss_types, self.loss_weights)
+                                                  if t == NLL_LOSS_TYPE)
 
 
 class WindowCounts(NamedTuple):
@@ -174,58 +195,54 @@ def safedpo_objective(
     reference: tuple[torch.Tensor, torch.Tensor] | None,
     chosen_unsafe: torch.Tensor,
     rejected_unsafe: torch.Tensor,
-    opts: LossOptions,
+    opts: ObjectiveOptions,
     counts: WindowCounts | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The trainers' loss and metrics from summed (2B,) policy log-probs (chosen rows first).
 
-    ``token_counts`` (2B,) scored tokens per row; ``reference``: summed (B,) reference log-probs or
-    None (reference-free). Sequence scores are sums, or per-token means with ``average_log_prob``
-    (and always for ``ipo``, as TRL does). Each preference loss is summed over this call's kept
-    pairs and divided by ``counts.kept_pairs`` (the optimizer step's count) when given, else by this
-    call's kept pairs; the NLL term likewise by ``counts.winner_tokens``. Metrics are this call's.
+    ``token_counts`` (2B,) scored tokens per row; ``reference``: summed (B,) reference log-probs, or
+    None with ``reference_free``. Scores are sums, or per-token means with ``average_log_prob`` and
+    for the loss types TRL defines on means (``ipo``, ``sigmoid_norm``). Every preference loss is
+    this call's sum over kept pairs divided by ``counts.kept_pairs`` (the optimizer step's count)
+    when given, else by this call's kept pairs; the NLL term likewise by ``counts.winner_tokens``.
+    Metrics are this call's (those of the first preference loss, plus ``nll_loss``).
     """
     if policy_logps.shape[0] % 2:
         raise ValueError(f"input_ids: expected 2B rows (B chosen then B rejected), got {policy_logps.shape[0]}")
     b = policy_logps.shape[0] // 2
     dev = policy_logps.device
     cu, ru = chosen_unsafe.to(dev), rejected_unsafe.to(dev)
-    counts_f = token_counts.to(dev).clamp(min=1).to(policy_logps.dtype)
+    counts_long = token_counts.to(dev)
+    per_token = counts_long.clamp(min=1).to(policy_logps.dtype)
     if opts.reference_free:
         ref = None
+    elif reference is None:
+        raise ValueError("reference: expected reference log-probs (precomputed or from a reference model)")
     else:
-        if reference is None:
-            raise ValueError("reference: expected reference log-probs (precomputed or from a reference model)")
         ref = torch.cat([reference[0].to(dev), reference[1].to(dev)]).to(policy_logps.dtype)
-
-    def scores(average: bool):
-        pol = policy_logps / counts_f if average else policy_logps
-        r = None if ref is None else (ref / counts_f if average else ref)
-        return pol[:b], pol[b:], (None if r is None else r[:b]), (None if r is None else r[b:])
-
-    num_kept = None if counts is None else counts.kept_pairs.to(dev).clamp(min=1)
+    nll_weight = opts.nll_weight
     total = None
     metrics: dict[str, torch.Tensor] = {}
     for loss_type, weight in zip(opts.loss_types, opts.loss_weights):
-        if loss_type == NLL_LOSS_TYPE:
+        if loss_type == NLL_LOSS_TYPE or weight == 0:
             continue
-        pc, pr, rc, rr = scores(opts.average_log_prob or loss_type == "ipo")
-        loss, m = safedpo_loss(pc, pr, rc, rr, cu, ru, beta=opts.beta, delta=opts.delta, loss_type=loss_type,
-                               label_smoothing=opts.label_smoothing, num_kept_pairs=num_kept, return_metrics=True)
+        average = opts.average_log_prob or loss_type in AVERAGED_LOSS_TYPES
+        pol = policy_logps / per_token if average else policy_logps
+        r = None if ref is None else (ref / per_token if average else ref)
+        nll_kwargs = {}
+        if nll_weight and not metrics:  # the NLL term rides on the first preference loss: w * (L + a / w * NLL)
+            nll_kwargs = dict(rpo_alpha=nll_weight / weight, chosen_token_counts=counts_long[:b],
+                              rejected_token_counts=counts_long[b:], average_log_prob=average,
+                              num_nll_tokens=None if counts is None else counts.winner_tokens.to(dev).clamp(min=1))
+        loss, m = safedpo_loss(
+            pol[:b], pol[b:], None if r is None else r[:b], None if r is None else r[b:], cu, ru,
+            beta=opts.beta, delta=opts.delta, loss_type=loss_type, label_smoothing=opts._smoothing(loss_type),
+            discopop_tau=opts.discopop_tau, return_metrics=True,
+            num_kept_pairs=None if counts is None else counts.kept_pairs.to(dev).clamp(min=1), **nll_kwargs,
+        )
         if not metrics:
             metrics = m
         total = weight * loss if total is None else total + weight * loss
-    nll_weight = opts.rpo_alpha or 0.0
-    nll_weight += sum(w for t, w in zip(opts.loss_types, opts.loss_weights) if t == NLL_LOSS_TYPE)
-    if opts.uses_nll:
-        t = safety_transform(cu.bool(), ru.bool())
-        winner = torch.where(t.swap, policy_logps[b:], policy_logps[:b])
-        winner_sum = torch.where(t.keep, winner, torch.zeros_like(winner)).sum()
-        denom = (counts.winner_tokens if counts is not None
-                 else winner_token_count(token_counts.to(dev), cu, ru)).to(dev).clamp(min=1)
-        nll = -winner_sum / denom.to(winner_sum.dtype)
-        total = total + nll_weight * nll
-        metrics["nll_loss"] = nll.detach().float()
     return total, metrics
 
 
