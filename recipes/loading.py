@@ -99,7 +99,9 @@ def load_own_shards(lm: nn.Module, folder: Path, *, tied_names: set[str] = froze
     read = total = 0
     with torch.no_grad():
         for name, param in list(lm.named_parameters()) + list(lm.named_buffers()):
-            key = name.replace(_WRAPPER, "")
+            if ".lora_A." in name or ".lora_B." in name:  # LoRA adapters: not in the base checkpoint
+                continue
+            key = name.replace(_WRAPPER, "").replace(".base_layer.", ".")  # a LoRA-wrapped layer's base weight
             if key not in where:
                 if isinstance(param, nn.Parameter) and key not in tied_names:
                     raise ValueError(f"model_name_or_path: {folder} has no tensor {key!r} "

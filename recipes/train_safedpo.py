@@ -47,6 +47,7 @@ from safedpo_kernels import (FusedLinearDPOLoss, FusedLinearSafeDPOLoss, count_k
                              safety_transform, sequence_logps)
 
 from recipes.checkpoint import OutputDirLock, checkpoint_problem, newest_verified, prune_in_background, step_folders
+from recipes.lora import adapters_disabled, init_adapters, inject_lora, merged_state_dict
 from recipes.loading import empty_shell, load_own_shards, restore_buffers, snapshot_buffers, weights_folder
 from recipes.config import CONFIG_SCHEMA, check_max_length, hf_config_from_dict, load_config, parse_overrides, validate_config
 
@@ -120,12 +121,12 @@ class PolicyWithLoss(nn.Module):
                 ref_chosen_logps=None, ref_rejected_logps=None, num_units=None, num_nll_tokens=None,
                 what: str = "loss"):
         if what == "ref_logps":
-            with torch.no_grad(), self.lm.disable_adapter():
+            with torch.no_grad(), adapters_disabled(self.lm):
                 return self._sequence_logps(input_ids, attention_mask, labels)
         if what == "logps":
             return self._sequence_logps(input_ids, attention_mask, labels)
         if self.live_reference and self.use_ref and self.objective != "sft":
-            with torch.no_grad(), self.lm.disable_adapter():
+            with torch.no_grad(), adapters_disabled(self.lm):
                 ref = self._sequence_logps(input_ids, attention_mask, labels)
             b = ref.shape[0] // 2
             ref_chosen_logps, ref_rejected_logps = ref[:b], ref[b:]
@@ -403,6 +404,8 @@ class Recipe:
             if folder is not None and self.rank != 0:
                 folder = str(weights_folder(cfg["model_name_or_path"], cfg["model_revision"]))
         init = _build_lm(cfg, config, real=True) if folder is None and self.rank == 0 else None
+        if init is not None and cfg["peft"] is not None:
+            init = inject_lora(init, cfg["peft"])  # same parameter names as the shells
         source = Path(folder) if folder is not None else None
         self.policy = self._shard(self._shell(config), init, source, train=True)
         self.ref = None
@@ -414,11 +417,14 @@ class Recipe:
         if needs_ref and cfg["reference_mode"] == "precompute":
             self._precompute_reference()
         n_params = sum(p.numel() for p in self.policy.parameters())  # global sizes (DTensor numel)
-        self._print(f"model: {config.model_type}, {n_params / 1e6:.2f}M parameters, attn={attn}, "
+        n_train = sum(p.numel() for p in self.policy.parameters() if p.requires_grad)
+        self._print(f"model: {config.model_type}, {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trained), attn={attn}, "
                     f"compute={self.compute_dtype}, world={self.world}, device={self.device.type}")
 
     def _shell(self, config) -> nn.Module:
         lm = _build_lm(self.cfg, config, real=False)
+        if self.cfg["peft"] is not None:
+            lm = inject_lora(lm, self.cfg["peft"])
         if self.cfg["liger_kernels"]:
             from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
@@ -446,7 +452,7 @@ class Recipe:
         mp_root = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
         for layer in layers:
             fully_shard(layer, mp_policy=mp)
-        root = PolicyWithLoss(lm, cfg)
+        root = PolicyWithLoss(lm, cfg, live_reference=cfg["peft"] is not None and cfg["reference_mode"] == "live")
         fully_shard(root, mp_policy=mp_root)
         buffers = snapshot_buffers(lm)  # rotary inv_freq etc.: computed on the CPU by every rank
         root.to_empty(device=self.device)
@@ -461,6 +467,8 @@ class Recipe:
         else:
             full = {} if init is None else {f"lm.{k}": v for k, v in init.state_dict().items()}
             set_model_state_dict(root, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        if cfg["peft"] is not None:
+            init_adapters(root.lm, cfg["seed"])  # same start on any number of ranks; lora_B = 0
         if not train:
             root.requires_grad_(False)
             root.eval()
@@ -527,7 +535,8 @@ class Recipe:
     # ----------------------------------------------------------------------------- optimizer, data
     def _build_optimizer(self) -> None:
         cfg = self.cfg
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
+        trained = [p for p in self.policy.parameters() if p.requires_grad]  # LoRA: the adapters only
+        self.optimizer = torch.optim.AdamW(trained, lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
                                            eps=cfg["adam_eps"], weight_decay=cfg["weight_decay"])
 
     def _build_loader(self) -> None:
@@ -621,7 +630,8 @@ class Recipe:
             self._dump_grads(Path(self.cfg["debug_dump_grads"]), batches)
         grad_norm = torch.tensor(0.0)
         if self.cfg["max_grad_norm"] is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg["max_grad_norm"])
+            params = [p for p in self.policy.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg["max_grad_norm"])
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -649,6 +659,8 @@ class Recipe:
         grads = {}
         for name, p in self.policy.named_parameters():
             g = p.grad
+            if g is None:  # frozen (LoRA base weights)
+                continue
             full = g.full_tensor() if hasattr(g, "full_tensor") else g
             grads[name.replace("_checkpoint_wrapped_module.", "")] = full.detach().cpu().clone()
         if self.rank == 0:
@@ -836,7 +848,10 @@ class Recipe:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         dtype = getattr(torch, self.cfg["export_dtype"])
-        sd = {k.removeprefix("lm."): v.to(dtype).contiguous() for k, v in full.items()}
+        sd = {k.removeprefix("lm."): v for k, v in full.items()}
+        if self.cfg["peft"] is not None:  # LoRA: W + (alpha / r) B A, plain HF names
+            sd = merged_state_dict(sd, self.cfg["peft"]["lora_alpha"] / self.cfg["peft"]["r"])
+        sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
         if getattr(self.hf_config, "tie_word_embeddings", False):
             sd.pop("lm_head.weight", None)  # tied: stored once, re-tied by from_pretrained
         save_torch_state_dict(sd, tmp, max_shard_size="5GB")
