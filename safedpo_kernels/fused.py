@@ -12,18 +12,26 @@ The (2B, T, V) logits are never materialized (see :func:`safedpo_kernels.linear_
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 from torch import nn
 
-from safedpo_kernels import _checks
-from safedpo_kernels._checks import IMPLS, check_beta_delta, check_choice, check_float_tensor, check_tensor
+from safedpo_kernels._checks import (
+    IMPLS,
+    check_beta_delta,
+    check_choice,
+    check_float_tensor,
+    check_ignore_index,
+    check_linear_inputs,
+    check_logit_transform,
+    check_tensor,
+)
 from safedpo_kernels.logprobs import linear_logprobs
 from safedpo_kernels.losses import (
     AVERAGED_LOSS_TYPES,
     NLLTerm,
+    check_nonnegative_finite,
     all_kept,
     check_count,
     check_loss_options,
@@ -117,15 +125,6 @@ def _check_flag(name: str, value: object) -> bool:
     return value
 
 
-def _check_ignore_index(value: object) -> int:
-    check = getattr(_checks, "check_ignore_index", None)
-    if check is not None:
-        return check("ignore_index", value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"ignore_index: expected an int, got {type(value).__name__} {value!r}")
-    return int(value)
-
-
 class _FusedLinearPreferenceLoss(nn.Module):
     """Shared constructor and forward of the fused SafeDPO and DPO modules (Liger's argument order)."""
 
@@ -149,33 +148,23 @@ class _FusedLinearPreferenceLoss(nn.Module):
         softcap: float | None,
     ):
         super().__init__()
-        check_beta_delta(beta, delta)
+        beta, delta = check_beta_delta(beta, delta)
         self.options = check_loss_options(beta, loss_type, label_smoothing, discopop_tau)
         check_choice("impl", impl, IMPLS)
-        self.ignore_index = _check_ignore_index(ignore_index)
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (
-            math.isfinite(float(alpha)) and alpha >= 0
-        ):
-            raise ValueError(f"alpha: expected a finite number >= 0, got {alpha!r}")
+        self.ignore_index = check_ignore_index("ignore_index", ignore_index)
+        alpha = check_nonnegative_finite("alpha", alpha)
         self.compute_nll_loss = _check_flag("compute_nll_loss", compute_nll_loss)
         self.compiled = _check_flag("compiled", compiled)
         self.use_ref_model = _check_flag("use_ref_model", use_ref_model)
         self.average_log_prob = _check_flag("average_log_prob", average_log_prob)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
             raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
-        if isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real) or not (
-            math.isfinite(float(logit_scale)) and logit_scale != 0
-        ):
-            raise ValueError(f"logit_scale: expected a finite nonzero number, got {logit_scale!r}")
-        if softcap is not None and (
-            isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)
-            or not (math.isfinite(float(softcap)) and softcap > 0)
-        ):
-            raise ValueError(f"softcap: expected None or a finite number > 0, got {softcap!r}")
+        logit_scale, softcap = check_logit_transform(logit_scale, softcap)
         self.beta, self.alpha = float(beta), float(alpha)
         self.delta = None if delta is None else float(delta)
         self.chunk_size = int(chunk_size)
-        self.loss_type, self.label_smoothing, self.discopop_tau = loss_type, float(label_smoothing), float(discopop_tau)
+        self.loss_type, self.label_smoothing, self.discopop_tau = loss_type, self.options.label_smoothing, \
+            self.options.discopop_tau
         self.impl = impl
         self.logit_scale = float(logit_scale)
         self.softcap = None if softcap is None else float(softcap)
@@ -195,13 +184,9 @@ class _FusedLinearPreferenceLoss(nn.Module):
             if hidden.shape[0] % 2:
                 raise ValueError(f"{hidden_name}: expected an even number of rows (B chosen then B rejected), "
                                  f"got {hidden.shape[0]}")
-        _checks.check_linear_inputs(hidden, weight, target, bias, self.ignore_index, hidden_name=names[0],
-                                    weight_name=names[1], labels_name=names[2], bias_name=names[3])
-        kwargs = {}
-        if self.logit_scale != 1.0 or self.softcap is not None:
-            kwargs = dict(logit_scale=self.logit_scale, softcap=self.softcap)
+        check_linear_inputs(hidden, weight, target, bias, self.ignore_index, names=names)
         return linear_logprobs(hidden, weight, target, bias=bias, ignore_index=self.ignore_index, impl=self.impl,
-                               **kwargs)
+                               logit_scale=self.logit_scale, softcap=self.softcap)
 
     def _sums_counts(self, tok, target, cu_seqlens):
         if cu_seqlens is None:

@@ -31,10 +31,12 @@ import torch.nn.functional as F
 
 from safedpo_kernels._checks import (
     REDUCTIONS,
+    _real_number,
     as_flags,
     check_beta_delta,
     check_choice,
     check_pair_logps,
+    check_positive_finite,
     check_tensor,
 )
 
@@ -138,12 +140,10 @@ def count_nll_tokens(
 def check_loss_options(beta: float, loss_type: str, label_smoothing: float = 0.0,
                        discopop_tau: float = 0.05) -> LossOptions:
     """Validate ``beta``, ``loss_type``, ``label_smoothing`` and ``discopop_tau`` together."""
-    check_beta_delta(beta)
+    beta, _ = check_beta_delta(beta)
     check_choice("loss_type", loss_type, LOSS_TYPES)
-    for name, value in (("label_smoothing", label_smoothing), ("discopop_tau", discopop_tau)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-            raise ValueError(f"{name}: expected a finite real number, got {value!r}")
-    ls, tau = float(label_smoothing), float(discopop_tau)
+    ls = check_nonnegative_finite("label_smoothing", label_smoothing)
+    tau = check_positive_finite("discopop_tau", discopop_tau)
     if loss_type == "exo_pair" and not 0.0 < ls < 1.0:
         raise ValueError(f"label_smoothing: expected 0 < label_smoothing < 1 for loss_type='exo_pair' "
                          f"(the EXO paper recommends 1e-3), got {label_smoothing!r}")
@@ -153,9 +153,15 @@ def check_loss_options(beta: float, loss_type: str, label_smoothing: float = 0.0
     if loss_type not in LABEL_SMOOTHING_LOSS_TYPES and ls != 0.0:
         raise ValueError(f"label_smoothing: loss_type={loss_type!r} does not use label smoothing (only "
                          f"{LABEL_SMOOTHING_LOSS_TYPES} do), got {label_smoothing!r}; pass 0.0")
-    if not tau > 0:
-        raise ValueError(f"discopop_tau: expected a number > 0, got {discopop_tau!r}")
-    return LossOptions(float(beta), loss_type, ls, tau)
+    return LossOptions(beta, loss_type, ls, tau)
+
+
+def check_nonnegative_finite(name: str, value: object) -> float:
+    """A finite real number >= 0 (Python, numpy or 0-dim tensor) as a float."""
+    x = _real_number(name, value)
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    return x
 
 
 def check_count(name: str, value: object) -> int | torch.Tensor | None:
@@ -335,10 +341,7 @@ def _check_ref(ref_chosen_logps: object, ref_rejected_logps: object) -> bool:
 def _nll_term(rpo_alpha: float, policy_chosen_logps, policy_rejected_logps, chosen_token_counts,
               rejected_token_counts, average_log_prob: bool, num_nll_tokens, reduction: str, size: int,
               device) -> NLLTerm | None:
-    if isinstance(rpo_alpha, bool) or not isinstance(rpo_alpha, numbers.Real) or not (
-        math.isfinite(float(rpo_alpha)) and rpo_alpha >= 0
-    ):
-        raise ValueError(f"rpo_alpha: expected a finite number >= 0, got {rpo_alpha!r}")
+    rpo_alpha = check_nonnegative_finite("rpo_alpha", rpo_alpha)
     num_nll_tokens = check_count("num_nll_tokens", num_nll_tokens)
     if rpo_alpha == 0:
         if num_nll_tokens is not None:
@@ -423,7 +426,7 @@ def safedpo_loss(
     n = 4 if has_ref else 2
     ref = check_pair_logps(LOGP_NAMES[:n], (policy_chosen_logps, policy_rejected_logps,
                                             ref_chosen_logps, ref_rejected_logps)[:n])
-    check_beta_delta(beta, delta)
+    _, delta = check_beta_delta(beta, delta)
     options = check_loss_options(beta, loss_type, label_smoothing, discopop_tau)
     check_choice("reduction", reduction, REDUCTIONS)
     num_kept_pairs = check_count("num_kept_pairs", num_kept_pairs)
