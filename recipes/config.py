@@ -147,6 +147,8 @@ class RecipeConfig(BaseModel):
             key = str(err).split(":", 1)[0]
             raise _KeyError(key if key in ("loss_type", "label_smoothing") else "loss_type",
                             str(err).split(":", 1)[1].strip()) from None
+        if self.packing and self.objective == "sft":
+            raise _KeyError("packing", "supported for the pair objectives (safedpo, dpo), not for 'sft'")
         if self.eval_fraction is not None and self.eval_dataset is not None:
             raise _KeyError("eval_fraction", "set at most one of eval_fraction and eval_dataset")
         if self.eval_fraction is not None and self.eval_split is None:

@@ -2,24 +2,36 @@
 """Per-GPU memory plan of a train_safedpo.py config, from the model config alone (meta device, no weights).
 
     python recipes/plan_memory.py --config recipes/configs/llama2_13b_8x80gb.yaml --gpus 8 --gpu-mem 80
+    python recipes/plan_memory.py --config recipes/configs/tiny_cpu.yaml --measure   # check the terms
 
 What is counted (FSDP2 as the recipe sets it up; "GB" here means GiB, 2**30 bytes):
-  parameters   fp32 master shards                           4 P / N
-  gradients    fp32 shards                                  4 P / N
-  optimizer    AdamW exp_avg + exp_avg_sq, fp32 shards      8 P / N
-  reference    live mode: a second fp32-sharded copy        4 P / N   (precompute mode: 0)
+  parameters   fp32 master shards                                   4 P / N
+  gradients    fp32 shards of the trained parameters (LoRA: adapters) 4 T / N
+  optimizer    AdamW exp_avg + exp_avg_sq, fp32 shards               8 T / N
+  reference    live full fine-tune: a second fp32-sharded copy       4 P / N  (precompute, LoRA: 0)
   gathers      the root unit (embeddings, head, final norm) gathered for the whole step in the compute
-               dtype, plus two decoder layers in flight (current + prefetched), plus one layer's
-               unsharded gradient in the compute dtype and in fp32 for the reduce-scatter
+               dtype, two decoder layers in flight (current + prefetched), one layer's unsharded
+               gradient in the compute dtype and in fp32 for the reduce-scatter
+  root grads   the root unit's unsharded gradients (compute dtype + the fp32 reduce-scatter input),
+               alive at the end of the backward
+  head grads   the fused loss's fp32 grad-weight accumulator (V x H) and its compute-dtype copy
   activations  per-layer checkpointing: each layer's input (tokens x hidden, compute dtype) is kept;
-               backward recomputes one layer at a time: its activations and their gradients
-               (without checkpointing: every layer's activations)
-  loss path    our fused head: last hidden state + its gradient and the chunk buffers of
-               linear_logprobs; never tokens x vocab (the naive logits are printed for comparison)
-  overhead     CUDA context, allocator fragmentation and workspaces: a fixed 3 GB
+               backward recomputes one layer at a time: its activations and their gradients (without
+               checkpointing: every layer's). SwiGLU keeps 3 x intermediate values per token with
+               Liger's kernel, 4 x without
+  loss path    last hidden state + its gradient and the chunk buffers of linear_logprobs; never
+               tokens x vocab (the naive logits are printed for comparison)
+  eval         the forward-only eval / reference-precompute pass (eval_batch_size pairs): only its
+               excess over the training transients is added (they never coexist)
+  NCCL         communicator buffers (multi-GPU): 1 GiB
+  context      CUDA context and library workspaces: 1.5 GiB
+  fragment.    caching-allocator fragmentation: 10 % of the transient terms
+A stated safety margin of 10 % of the total is required below the GPU memory for "FITS".
+P: parameters counted on the meta model (tied weights once); T: trained parameters; N = --gpus;
+tokens = the worst micro-batch per GPU: 2 x micro_batch_size x max_length for pair objectives.
 
-P is counted on the meta model (tied weights once), N = --gpus, tokens = the worst micro-batch per
-GPU: 2 x micro_batch_size x max_length for pair objectives (B chosen + B rejected rows, padded).
+--measure: the terms checked against a measurement at the config's architecture scaled down (CPU) or
+at a few real layers (GPU); see ``measure``.
 """
 
 from __future__ import annotations
@@ -37,7 +49,10 @@ except ImportError:  # pragma: no cover - import as a package module
     from recipes.train_safedpo import _decoder_layers, load_config
 
 GB = 2**30  # GiB: GPU memory sizes ("80 GB" cards hold 80 GiB) are quoted in binary units
-OVERHEAD_GB = 3.0
+CONTEXT_GB = 1.5
+NCCL_GB = 1.0
+FRAGMENTATION = 0.10
+SAFETY_MARGIN = 0.10
 CHUNK_BUFFER_BYTES = 3 * 64 * 2**20  # linear_logprobs' torch path: 3 live fp32 (chunk x vocab) buffers
 
 # Public config.json values of the models the shipped configs name, so the planner runs offline.
@@ -97,8 +112,19 @@ def layer_activation_values(config, liger: bool) -> int:
     kvd = kv * (getattr(config, "head_dim", None) or h // heads)
     norms = 2 * h if liger else 4 * h  # Liger's RMSNorm saves input + rstd only
     attn = 2 * h + 2 * kvd + h + 2 * h  # q, k (+ rotated q, k), v, attention output, o_proj and residual
-    mlp = 2 * i if liger else 4 * i  # gate, up (+ act(gate), product without Liger's SwiGLU)
+    mlp = 3 * i if liger else 4 * i  # gate, up, product (+ act(gate) without Liger's SwiGLU)
     return norms + attn + mlp + h
+
+
+def trained_params(cfg: dict, config, total: int) -> int:
+    """Parameters with gradients and optimizer state: all, or the LoRA adapters (counted on the meta model)."""
+    if cfg.get("peft") is None:
+        return total
+    from recipes.loading import empty_shell  # importable: train_safedpo put the checkout on sys.path
+    from recipes.lora import inject_lora
+
+    lm = inject_lora(empty_shell(config), cfg["peft"])
+    return sum(p.numel() for p in lm.parameters() if p.requires_grad)
 
 
 def plan(cfg: dict, gpus: int, gpu_mem_gb: float) -> dict:
@@ -107,6 +133,7 @@ def plan(cfg: dict, gpus: int, gpu_mem_gb: float) -> dict:
         raise ValueError(f"gpus / gpu_mem: expected >= 1 and > 0, got {gpus} / {gpu_mem_gb}")
     config = hf_config(cfg)
     total, per_layer, n_layers = count_params(config)
+    trained = trained_params(cfg, config, total)
     root = total - per_layer * n_layers
     compute_bytes = 4 if cfg["mixed_precision"] == "fp32" else 2  # auto on GPU -> bf16
     rows = 2 if cfg["objective"] != "sft" or cfg["sft_responses"] == "both" else 1
@@ -117,26 +144,43 @@ def plan(cfg: dict, gpus: int, gpu_mem_gb: float) -> dict:
         activations = n_layers * tokens * h * compute_bytes + 2 * act_layer  # saved inputs + one recompute
     else:
         activations = n_layers * act_layer + act_layer
+    full_ft = trained == total
+    live_copy = cfg["reference_mode"] == "live" and cfg["objective"] != "sft" and full_ft and not cfg.get(
+        "reference_free", False)
+    gathers = root * compute_bytes + 2 * per_layer * compute_bytes + per_layer * (compute_bytes + 4)
+    root_trained = root if full_ft else 0  # LoRA: the root unit (embeddings, head) is frozen
+    loss_path = tokens * h * (compute_bytes + 4) + CHUNK_BUFFER_BYTES
+    head_grads = vocab * h * (4 + (compute_bytes if compute_bytes != 4 else 0)) if full_ft else 0
+    eval_tokens = 2 * cfg["eval_batch_size"] * cfg["max_length"]
+    eval_layer = (3 * h + 2 * max(config.intermediate_size, 3 * h)) * compute_bytes * eval_tokens
+    eval_peak = eval_layer + eval_tokens * h * compute_bytes * 2 + CHUNK_BUFFER_BYTES
+    transient = activations + loss_path + head_grads + root_trained * (compute_bytes + 4)
     parts = {
         "parameters (fp32 shards)": 4 * total / gpus,
-        "gradients (fp32 shards)": 4 * total / gpus,
-        "optimizer (AdamW fp32 shards)": 8 * total / gpus,
-        "reference model": 4 * total / gpus if cfg["reference_mode"] == "live" and cfg["objective"] != "sft" else 0.0,
-        "gathers + reduce buffers": (root * compute_bytes + 2 * per_layer * compute_bytes
-                                     + per_layer * (compute_bytes + 4)),
+        "gradients (fp32 shards)": 4 * trained / gpus,
+        "optimizer (AdamW fp32 shards)": 8 * trained / gpus,
+        "reference model": 4 * total / gpus if live_copy else 0.0,
+        "gathers + reduce buffers": gathers,
+        "root unit unsharded grads": root_trained * (compute_bytes + 4),
+        "head grad buffers (fp32 + copy)": head_grads,
         "activations (checkpointed)" if cfg["activation_checkpointing"] else "activations": activations,
-        "loss path (fused head)": tokens * h * (compute_bytes + 4) + CHUNK_BUFFER_BYTES,
-        "overhead (context, fragmentation)": OVERHEAD_GB * GB,
+        "loss path (fused head)": loss_path,
+        "eval / precompute excess": max(0.0, eval_peak - transient),
+        "NCCL buffers": NCCL_GB * GB if gpus > 1 else 0.0,
+        "CUDA context, workspaces": CONTEXT_GB * GB,
+        "fragmentation (10% of transients)": FRAGMENTATION * (transient + gathers),
     }
     parts_gb = {k: v / GB for k, v in parts.items()}
     total_gb = sum(parts_gb.values())
     naive_logits_gb = tokens * vocab * (compute_bytes + 4 + 4) / GB  # logits, fp32 upcast, fp32 grad
     return {
         "model": cfg["model_name_or_path"] or cfg["model_config"]["model_type"],
-        "params_b": total / 1e9, "layers": n_layers, "gpus": gpus, "gpu_mem_gb": gpu_mem_gb,
-        "tokens_per_gpu_microbatch": tokens, "compute_dtype": "fp32" if compute_bytes == 4 else "bf16",
-        "reference_mode": cfg["reference_mode"], "parts_gb": parts_gb, "total_gb": total_gb,
-        "fits": total_gb <= gpu_mem_gb, "naive_logits_extra_gb": naive_logits_gb,
+        "params_b": total / 1e9, "trained_params_b": trained / 1e9, "layers": n_layers, "gpus": gpus,
+        "gpu_mem_gb": gpu_mem_gb, "tokens_per_gpu_microbatch": tokens,
+        "compute_dtype": "fp32" if compute_bytes == 4 else "bf16", "reference_mode": cfg["reference_mode"],
+        "parts_gb": parts_gb, "total_gb": total_gb, "safety_margin": SAFETY_MARGIN,
+        "total_with_margin_gb": total_gb * (1 + SAFETY_MARGIN),
+        "fits": total_gb * (1 + SAFETY_MARGIN) <= gpu_mem_gb, "naive_logits_extra_gb": naive_logits_gb,
     }
 
 
@@ -146,8 +190,10 @@ def format_plan(p: dict) -> str:
              f"{p['compute_dtype']} compute, reference {p['reference_mode']}"]
     width = max(len(k) for k in p["parts_gb"])
     lines += [f"  {k:<{width}}  {v:7.2f} GiB" for k, v in p["parts_gb"].items()]
-    lines.append(f"  {'total per GPU':<{width}}  {p['total_gb']:7.2f} GiB  -> "
-                 f"{'FITS' if p['fits'] else 'DOES NOT FIT'} in {p['gpu_mem_gb']:g} GiB")
+    lines.append(f"  {'total per GPU':<{width}}  {p['total_gb']:7.2f} GiB")
+    lines.append(f"  {'+ ' + format(p['safety_margin'], '.0%') + ' safety margin':<{width}}  "
+                 f"{p['total_with_margin_gb']:7.2f} GiB  -> {'FITS' if p['fits'] else 'DOES NOT FIT'} in "
+                 f"{p['gpu_mem_gb']:g} GiB")
     lines.append(f"  (materialized logits would add {p['naive_logits_extra_gb']:.2f} GiB)")
     return "\n".join(lines)
 

@@ -44,7 +44,7 @@ if importlib.util.find_spec("safedpo_kernels") is None or importlib.util.find_sp
     sys.path.insert(0, str(_ROOT))  # run as a script from a checkout: the package and recipes/ importable
 
 from safedpo_kernels import (FusedLinearDPOLoss, FusedLinearSafeDPOLoss, count_kept_pairs, linear_logprobs,
-                             safety_transform, sequence_logps)
+                             packed_sequence_logps, safety_transform, sequence_logps)
 
 from recipes.checkpoint import OutputDirLock, checkpoint_problem, newest_verified, prune_in_background, step_folders
 from recipes.lora import adapters_disabled, init_adapters, inject_lora, merged_state_dict
@@ -101,43 +101,56 @@ class PolicyWithLoss(nn.Module):
         # Sequence log-probs for the reference, evaluation and SFT: averaged where the loss averages.
         self.average = self.loss_fn.averages_log_probs if self.loss_fn is not None else cfg["average_log_prob"]
 
-    def _hidden_and_head(self, input_ids, attention_mask, labels):
+    def _hidden_and_head(self, input_ids, attention_mask, labels, position_ids=None):
+        """Last hidden states, shifted targets (hidden[:, t] predicts labels[:, t + 1]) and the head.
+
+        Padded rows (2B, T) -> (2B, T - 1). Packed (``position_ids`` given, one row (1, total), no
+        attention mask): transformers builds the per-sequence causal mask from the position ids (SDPA /
+        eager / flex) or runs flash-attention varlen; targets are shifted within each sequence."""
+        from safedpo_kernels.data import shift_packed_labels
         from safedpo_kernels.integrations import output_head
 
         base = getattr(self.lm, self.lm.base_model_prefix)
+        if position_ids is not None:
+            hidden = base(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            return hidden, shift_packed_labels(labels, IGNORE_INDEX), output_head(self.lm)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return hidden[:, :-1], labels[:, 1:], output_head(self.lm)  # hidden[:, t] predicts labels[:, t + 1]
+        return hidden[:, :-1], labels[:, 1:], output_head(self.lm)
 
     def _token_logps(self, hidden, target, head):
         return linear_logprobs(hidden, head.weight, target, bias=head.bias, ignore_index=IGNORE_INDEX,
                                impl=self.impl, logit_scale=head.logit_scale, softcap=head.softcap)
 
-    def _sequence_logps(self, input_ids, attention_mask, labels):
-        hidden, target, head = self._hidden_and_head(input_ids, attention_mask, labels)
+    def _sequence_logps(self, input_ids, attention_mask, labels, position_ids=None, cu_seqlens=None):
+        hidden, target, head = self._hidden_and_head(input_ids, attention_mask, labels, position_ids)
         tok = self._token_logps(hidden, target, head)
+        if cu_seqlens is not None:
+            return packed_sequence_logps(tok.reshape(-1), target.reshape(-1), cu_seqlens,
+                                         ignore_index=IGNORE_INDEX, average=self.average)
         return sequence_logps(tok, target, ignore_index=IGNORE_INDEX, average=self.average)
 
-    def forward(self, input_ids, attention_mask, labels, chosen_unsafe=None, rejected_unsafe=None,
-                ref_chosen_logps=None, ref_rejected_logps=None, num_units=None, num_nll_tokens=None,
-                what: str = "loss"):
+    def forward(self, input_ids, attention_mask=None, labels=None, chosen_unsafe=None, rejected_unsafe=None,
+                ref_chosen_logps=None, ref_rejected_logps=None, position_ids=None, cu_seqlens=None,
+                num_units=None, num_nll_tokens=None, what: str = "loss"):
+        rows = (input_ids, attention_mask, labels, position_ids, cu_seqlens)
         if what == "ref_logps":
             with torch.no_grad(), adapters_disabled(self.lm):
-                return self._sequence_logps(input_ids, attention_mask, labels)
+                return self._sequence_logps(*rows)
         if what == "logps":
-            return self._sequence_logps(input_ids, attention_mask, labels)
+            return self._sequence_logps(*rows)
         if self.live_reference and self.use_ref and self.objective != "sft":
             with torch.no_grad(), adapters_disabled(self.lm):
-                ref = self._sequence_logps(input_ids, attention_mask, labels)
+                ref = self._sequence_logps(*rows)
             b = ref.shape[0] // 2
             ref_chosen_logps, ref_rejected_logps = ref[:b], ref[b:]
-        hidden, target, head = self._hidden_and_head(input_ids, attention_mask, labels)
+        hidden, target, head = self._hidden_and_head(input_ids, attention_mask, labels, position_ids)
         if self.objective == "sft":
             tok = self._token_logps(hidden, target, head)
             n = (target != IGNORE_INDEX).sum()
             nll = -tok.sum() / (n.clamp(min=1) if num_units is None else num_units.clamp(min=1)).to(tok.dtype)
             return nll, {"loss": -tok.detach().sum() / n.clamp(min=1), "tokens/target": n.float()}
         refs = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps} if self.use_ref else {}
-        kwargs = dict(num_nll_tokens=num_nll_tokens, return_metrics=True, **refs)
+        kwargs = dict(num_nll_tokens=num_nll_tokens, cu_seqlens=cu_seqlens, return_metrics=True, **refs)
         if self.objective == "safedpo":
             loss, _, metrics = self.loss_fn(head.weight, hidden, target, head.bias, chosen_unsafe=chosen_unsafe,
                                             rejected_unsafe=rejected_unsafe, num_kept_pairs=num_units, **kwargs)
@@ -385,7 +398,7 @@ class Recipe:
         return DataBundle(train, eval_sel, eval_raw, reports)
 
     def _build_models(self) -> None:
-        from safedpo_kernels.data import PaddedPairCollator
+        from safedpo_kernels.data import PackedPairCollator, PaddedPairCollator
 
         cfg = self.cfg
         attn = _attn_implementation(cfg, self.device)
@@ -413,7 +426,8 @@ class Recipe:
         if needs_ref and cfg["reference_mode"] == "live" and cfg["peft"] is None:
             self.ref = self._shard(self._shell(config), init, source, train=False)
         del init
-        self.collate = PaddedPairCollator(self.tokenizer.pad_token_id, ignore_index=IGNORE_INDEX)
+        self.collate = (PackedPairCollator(ignore_index=IGNORE_INDEX) if cfg["packing"] else
+                        PaddedPairCollator(self.tokenizer.pad_token_id, ignore_index=IGNORE_INDEX))
         if needs_ref and cfg["reference_mode"] == "precompute":
             self._precompute_reference()
         n_params = sum(p.numel() for p in self.policy.parameters())  # global sizes (DTensor numel)
@@ -492,7 +506,7 @@ class Recipe:
             for b in range(n_batches):
                 idx = mine[b * bs:(b + 1) * bs]
                 batch = self._to_device(self.collate([ds[i] for i in (idx or [0])]))
-                logps = model(batch["input_ids"], batch["attention_mask"], batch["labels"], what=what)
+                logps = model(**{k: batch[k] for k in _ROW_INPUTS if k in batch}, what=what)
                 if idx:
                     k = len(idx)
                     out[0, idx] = logps[:k].double()
@@ -586,7 +600,7 @@ class Recipe:
 
     def _nll_tokens(self, batch: dict) -> torch.Tensor:
         """Trained tokens of the T(D) winners of kept pairs (the NLL term's normalizer; DPO: chosen)."""
-        counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).double()
+        counts = _target_counts(batch)
         b = counts.shape[0] // 2
         if self.cfg["objective"] != "safedpo":
             return counts[:b].sum()
@@ -649,7 +663,7 @@ class Recipe:
 
     def _live_ref_logps(self, batch: dict) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            logps = self.ref(batch["input_ids"], batch["attention_mask"], batch["labels"], what="logps")
+            logps = self.ref(**{k: batch[k] for k in _ROW_INPUTS if k in batch}, what="logps")
         self.ref.reshard()
         b = logps.shape[0] // 2
         return {"ref_chosen_logps": logps[:b], "ref_rejected_logps": logps[b:]}
@@ -919,7 +933,8 @@ class Recipe:
 # ---------------------------------------------------------------------------------------------
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "chosen_unsafe", "rejected_unsafe",
-                 "ref_chosen_logps", "ref_rejected_logps")
+                 "ref_chosen_logps", "ref_rejected_logps", "position_ids", "cu_seqlens")
+_ROW_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "cu_seqlens")
 _MEAN_OVER_UNITS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                     "logps/chosen", "logps/rejected")
 _COUNTS = ("pairs/kept", "pairs/swapped", "pairs/dropped", "nll_loss")  # summed (nll_loss: already / global)
@@ -941,7 +956,7 @@ def _accumulate(sums: dict, metrics: dict, units: torch.Tensor, batch: dict) -> 
         add("safety/safe_vs_unsafe_frac", metrics["safety/safe_vs_unsafe_frac"] * (rows // 2))
     add("pairs", torch.tensor(float(rows // 2), device=units.device))
     add("units", units)
-    add("tokens/total", batch["attention_mask"].sum())
+    add("tokens/total", batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel())
 
 
 def _reduce_metrics(sums: dict, device) -> dict[str, float]:
@@ -959,6 +974,18 @@ def _reduce_metrics(sums: dict, device) -> dict[str, float]:
         else:
             out[key] = value
     return out
+
+
+def _target_counts(batch: dict) -> torch.Tensor:
+    """(2B,) float64 trained tokens per sequence (after the shift), padded or packed batch."""
+    if "cu_seqlens" in batch:
+        from safedpo_kernels.data import shift_packed_labels
+
+        trained = (shift_packed_labels(batch["labels"], IGNORE_INDEX).reshape(-1) != IGNORE_INDEX).double()
+        ends = torch.cat([torch.zeros(1, dtype=torch.float64, device=trained.device), trained.cumsum(0)])
+        cu = batch["cu_seqlens"].long()
+        return ends[cu[1:]] - ends[cu[:-1]]
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).double()
 
 
 def _frac(hits: torch.Tensor, mask: torch.Tensor) -> float:
