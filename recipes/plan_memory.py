@@ -18,7 +18,7 @@ What is counted (FSDP2 as the recipe sets it up; "GB" here means GiB, 2**30 byte
   activations  per-layer checkpointing: each layer's input (tokens x hidden, compute dtype) is kept;
                backward recomputes one layer at a time: its activations and their gradients (without
                checkpointing: every layer's). SwiGLU keeps 3 x intermediate values per token with
-               Liger's kernel, 4 x without
+               Liger's kernel, 4 x without; the final norm keeps 2 x hidden
   loss path    last hidden state + its gradient and the chunk buffers of linear_logprobs; never
                tokens x vocab (the naive logits are printed for comparison)
   eval         the forward-only eval / reference-precompute pass (eval_batch_size pairs): only its
@@ -140,10 +140,11 @@ def plan(cfg: dict, gpus: int, gpu_mem_gb: float) -> dict:
     tokens = rows * cfg["micro_batch_size"] * cfg["max_length"]
     h, vocab = config.hidden_size, config.vocab_size
     act_layer = layer_activation_values(config, cfg["liger_kernels"]) * compute_bytes * tokens
+    final_norm = 2 * tokens * h * compute_bytes  # the final RMSNorm saves its input and its output
     if cfg["activation_checkpointing"]:
-        activations = n_layers * tokens * h * compute_bytes + 2 * act_layer  # saved inputs + one recompute
+        activations = n_layers * tokens * h * compute_bytes + 2 * act_layer + final_norm  # inputs + one recompute
     else:
-        activations = n_layers * act_layer + act_layer
+        activations = n_layers * act_layer + act_layer + final_norm
     full_ft = trained == total
     live_copy = cfg["reference_mode"] == "live" and cfg["objective"] != "sft" and full_ft and not cfg.get(
         "reference_free", False)
@@ -198,15 +199,160 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
+def _scaled_config(config, max_hidden: int = 256, max_vocab: int = 4096):
+    """The same architecture scaled down for a CPU check: hidden <= max_hidden (head_dim kept), vocab <= max_vocab."""
+    from transformers import AutoConfig
+
+    d = config.to_dict()
+    h, heads = config.hidden_size, config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    f = max(1, h // max_hidden)
+    new_heads = max(1, heads // f)
+    d.update(hidden_size=new_heads * head_dim, intermediate_size=max(8, config.intermediate_size // f),
+             num_attention_heads=new_heads, num_key_value_heads=max(1, min(new_heads, kv // f)), head_dim=head_dim,
+             vocab_size=min(config.vocab_size, max_vocab))
+    model_type = d.pop("model_type")
+    return AutoConfig.for_model(model_type, **{k: v for k, v in d.items() if k not in ("transformers_version",)})
+
+
+def _saved_bytes(fn) -> tuple[int, object]:
+    """Bytes of the distinct non-parameter storages autograd saves for backward while ``fn()`` runs."""
+    seen: dict[int, int] = {}
+    skip: set[int] = set()
+
+    def pack(t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in skip:
+            seen[ptr] = storage.nbytes()
+        return t
+
+    def run():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return fn()
+    return run, seen, skip
+
+
+def measure(cfg: dict, layers: int = 2, max_cpu_tokens: int = 4096) -> dict:
+    """Measured vs predicted bytes of the activation, checkpointed-activation and gradient terms.
+
+    The model is the config's architecture with ``layers`` decoder layers (CPU: also scaled to hidden
+    <= 256 and at most ``max_cpu_tokens`` tokens), fp32 on CPU, the config's compute dtype on GPU.
+    Activations are measured as the distinct storages autograd saves for backward (saved-tensor hooks:
+    exact, unlike process RSS); gradients as the bytes of ``.grad`` after a backward; on a GPU also
+    ``torch.cuda.max_memory_allocated`` around one layer's forward and around the fused head's
+    forward + backward (loss path + head grad buffers).
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from transformers import AutoModelForCausalLM
+
+    from safedpo_kernels import linear_logprobs
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    config = hf_config(cfg)
+    if not cuda:
+        config = _scaled_config(config)
+    config.num_hidden_layers = layers
+    config._attn_implementation = "sdpa"
+    dtype = torch.bfloat16 if cuda and cfg["mixed_precision"] != "fp32" else torch.float32
+    nbytes = 2 if dtype == torch.bfloat16 else 4
+    rows = 2 * cfg["micro_batch_size"] if cfg["objective"] != "sft" else cfg["micro_batch_size"]
+    seq = cfg["max_length"] if cuda else max(8, min(cfg["max_length"], max_cpu_tokens // rows))
+    tokens = rows * seq
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+    if cfg.get("peft") is not None:
+        from recipes.lora import inject_lora
+
+        lm = inject_lora(lm, cfg["peft"]).to(device)
+    base = lm.model
+    ids = torch.randint(0, config.vocab_size, (rows, seq), device=device)
+    pos = torch.arange(seq, device=device)[None].expand(rows, -1)
+    h = config.hidden_size
+    out: dict[str, tuple[float, float]] = {}
+
+    # 1. one decoder layer, no checkpointing
+    hidden = torch.randn(rows, seq, h, device=device, dtype=dtype, requires_grad=True)
+    pe = base.rotary_emb(hidden, pos)
+    layer = base.layers[0]
+    run, seen, skip = _saved_bytes(lambda: layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=pe))
+    skip.update(p.untyped_storage().data_ptr() for p in lm.parameters())
+    skip.update({hidden.untyped_storage().data_ptr()} | {t.untyped_storage().data_ptr() for t in pe})
+    if cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+    y = run()
+    y = y[0] if isinstance(y, tuple) else y
+    predicted_layer = layer_activation_values(config, liger=False) * nbytes * tokens
+    out["activations, one layer (saved for backward)"] = (predicted_layer, sum(seen.values()) + hidden.numel() * nbytes)
+    if cuda:
+        out["activations, one layer (CUDA allocated after forward)"] = (
+            predicted_layer - h * nbytes * tokens, torch.cuda.memory_allocated() - before - y.numel() * nbytes)
+    del y, seen
+
+    # 2. every layer checkpointed: only each layer's input is kept
+    for i, lay in enumerate(base.layers):
+        base.layers[i] = checkpoint_wrapper(lay)
+    embeds = base.embed_tokens(ids)  # not detached: the embedding gets its gradient too
+    run, seen, skip = _saved_bytes(lambda: base(inputs_embeds=embeds, position_ids=pos, use_cache=False))
+    skip.update(p.untyped_storage().data_ptr() for p in lm.parameters())
+    last = run().last_hidden_state
+    predicted = len(base.layers) * tokens * h * nbytes + 2 * tokens * h * nbytes  # layer inputs + final norm
+    out["activations, checkpointed (layer inputs + final norm)"] = (predicted, sum(seen.values()))
+
+    # 3. gradients of the trained parameters after a backward through the fused head
+    target = torch.where(torch.rand(rows, seq - 1, device=device) < 0.3, -100, ids[:, 1:])
+    head = lm.get_output_embeddings()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    tok = linear_logprobs(last[:, :-1], head.weight, target, ignore_index=-100)
+    tok.sum().backward()
+    trained = [p for p in lm.parameters() if p.requires_grad]
+    out["gradients (trained parameters, param dtype)"] = (sum(p.numel() for p in trained) * nbytes,
+                                                          sum(p.grad.numel() * p.grad.element_size()
+                                                              for p in trained if p.grad is not None))
+    if cuda:
+        full = cfg.get("peft") is None
+        predicted = (tokens * h * (nbytes + 4) + CHUNK_BUFFER_BYTES
+                     + (config.vocab_size * h * (4 + (nbytes if nbytes != 4 else 0)) if full else 0))
+        out["loss path + head grad buffers (CUDA peak)"] = (predicted, torch.cuda.max_memory_allocated() - start)
+    return {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "layers": layers, "tokens": tokens,
+            "hidden_size": h, "intermediate_size": config.intermediate_size, "vocab_size": config.vocab_size,
+            "terms": {k: {"predicted_mib": a / 2**20, "measured_mib": b / 2**20,
+                          "measured_over_predicted": (b / a) if a else float("nan")} for k, (a, b) in out.items()}}
+
+
+def format_measure(m: dict) -> str:
+    lines = [f"--measure on {m['device']} ({m['dtype']}): {m['layers']} layers, hidden {m['hidden_size']}, "
+             f"intermediate {m['intermediate_size']}, vocab {m['vocab_size']}, {m['tokens']} tokens"]
+    width = max(len(k) for k in m["terms"])
+    lines.append(f"  {'term':<{width}}  {'predicted':>11}  {'measured':>11}  ratio")
+    for k, v in m["terms"].items():
+        lines.append(f"  {k:<{width}}  {v['predicted_mib']:8.2f} MiB  {v['measured_mib']:8.2f} MiB  "
+                     f"{v['measured_over_predicted']:.3f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--measure", action="store_true",
+                        help="check the activation / gradient (GPU: also loss-path) terms against a measurement")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
-    p = plan(load_config(args.config, args.overrides), args.gpus, args.gpu_mem)
+    cfg = load_config(args.config, args.overrides)
+    if args.measure:
+        m = measure(cfg)
+        print(json.dumps(m, indent=2) if args.json else format_measure(m))
+        return 0
+    p = plan(cfg, args.gpus, args.gpu_mem)
     print(json.dumps(p, indent=2) if args.json else format_plan(p))
     return 0 if p["fits"] else 1
 

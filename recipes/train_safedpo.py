@@ -956,7 +956,9 @@ def _accumulate(sums: dict, metrics: dict, units: torch.Tensor, batch: dict) -> 
         add("safety/safe_vs_unsafe_frac", metrics["safety/safe_vs_unsafe_frac"] * (rows // 2))
     add("pairs", torch.tensor(float(rows // 2), device=units.device))
     add("units", units)
-    add("tokens/total", batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel())
+    tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].new_tensor(
+        batch["input_ids"].numel())  # packed: every position is a real token
+    add("tokens/total", tokens)
 
 
 def _reduce_metrics(sums: dict, device) -> dict[str, float]:

@@ -79,6 +79,12 @@ def test_plan_memory_13b_fits_under_45gb(capsys):
     # fp32 master weights + gradients + AdamW: 16 bytes per parameter, sharded 8 ways
     states = sum(v for k, v in plan["parts_gb"].items() if k.split()[0] in ("parameters", "gradients", "optimizer"))
     assert abs(states - 16 * plan["params_b"] * 1e9 / 8 / 2**30) < 0.01
+    # the fused head's fp32 grad-weight accumulator + its bf16 copy: 32000 x 5120 x (4 + 2) bytes
+    assert plan["parts_gb"]["head grad buffers (fp32 + copy)"] == pytest.approx(32000 * 5120 * 6 / 2**30)
+    # root unit (embeddings + head + final norm) unsharded gradients, bf16 + fp32
+    assert plan["parts_gb"]["root unit unsharded grads"] == pytest.approx((2 * 32000 * 5120 + 5120) * 6 / 2**30)
+    assert plan["parts_gb"]["NCCL buffers"] == 1.0 and plan["parts_gb"]["fragmentation (10% of transients)"] > 0
+    assert plan["total_with_margin_gb"] == pytest.approx(1.1 * plan["total_gb"])
     # a live reference and 16K tokens still fit in 55 GB; one GPU does not fit at all
     live16k = plan_memory.plan({**cfg, "reference_mode": "live", "max_length": 4096}, gpus=8, gpu_mem_gb=80)
     assert live16k["total_gb"] > plan["total_gb"] and live16k["parts_gb"]["reference model"] > 0
@@ -127,3 +133,24 @@ def test_nested_overrides_and_model_config_checks(tmp_path):
         load_config(path, ["peft.rank=4"])
     with pytest.raises(ValueError, match=r"'lr' is not a mapping"):
         parse_overrides(["lr.x=1"], {"lr": 1.0})
+
+
+def test_plan_measure_on_cpu_matches_the_terms():
+    """--measure on CPU: the checkpointed-activation and gradient terms equal the saved-tensor and
+    .grad byte counts; the per-layer (no checkpointing) term is a slight over-estimate (conservative:
+    within -20 %); the 13B plan with the added terms stays under the 45 GiB target at 8K tokens."""
+    from recipes import plan_memory
+
+    cfg = load_config(ROOT / "recipes" / "configs" / "tiny_cpu.yaml")
+    m = plan_memory.measure(cfg)
+    terms = m["terms"]
+    assert m["device"] == "cpu" and m["tokens"] == 2 * cfg["micro_batch_size"] * cfg["max_length"]
+    assert terms["activations, checkpointed (layer inputs + final norm)"]["measured_over_predicted"] == pytest.approx(
+        1.0, abs=0.01)
+    assert terms["gradients (trained parameters, param dtype)"]["measured_over_predicted"] == pytest.approx(1.0)
+    assert 0.8 <= terms["activations, one layer (saved for backward)"]["measured_over_predicted"] <= 1.0
+    assert "predicted" in plan_memory.format_measure(m)
+    lora = plan_memory.plan({**load_config(ROOT / "recipes" / "configs" / "llama2_13b_8x80gb.yaml"),
+                             "peft": {"r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "bias": "none",
+                                      "target_modules": ["q_proj", "v_proj"]}}, gpus=8, gpu_mem_gb=80)
+    assert 0 < lora["trained_params_b"] < 0.02 and lora["parts_gb"]["optimizer (AdamW fp32 shards)"] < 0.02
