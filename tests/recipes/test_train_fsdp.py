@@ -17,6 +17,7 @@ from recipe_testutils import read_metrics, torchrun, write_config
 pytestmark = pytest.mark.slow
 
 STEPS = 6
+RPO_ALPHA = 0.5  # the NLL (RPO) term on: its step-wide token normalizer is checked across ranks too
 TINY_LAYERS = 2
 SPEC_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected", "safety/safe_vs_unsafe_frac", "pairs/kept",
@@ -29,7 +30,7 @@ def run_2rank(tmp_path_factory):
     kept counts across ranks exercise the global-batch normalization)."""
     tmp = tmp_path_factory.mktemp("fsdp2")
     out = tmp / "run"
-    cfg = write_config(tmp / "cfg.yaml", selection="better", max_steps=STEPS, save_every=3,
+    cfg = write_config(tmp / "cfg.yaml", selection="better", rpo_alpha=RPO_ALPHA, max_steps=STEPS, save_every=3,
                        keep_checkpoints=3, output_dir=str(out), debug_dump_grads=str(tmp / "grads_2rank.pt"))
     stdout = torchrun(cfg)
     return {"tmp": tmp, "out": out, "cfg": cfg, "stdout": stdout, "rows": read_metrics(out / "metrics.jsonl")}
@@ -40,7 +41,8 @@ def _train_rows(rows):
 
 
 def test_gradients_match_single_rank(run_2rank, tmp_path):
-    """Full gradients after the first backward: 2 ranks x 3 pairs == 1 rank x (3 + 3 accumulated).
+    """Full gradients after the first backward: 2 ranks x 3 pairs == 1 rank x (3 + 3 accumulated), with
+    the NLL term (rpo_alpha) normalized by the step's winner tokens.
 
     Same six pairs (DistributedSampler hands rank r the permutation's entries r, r+2, ...; one rank
     takes them in order), same initial weights. The single rank also uses the *live* reference
@@ -53,8 +55,8 @@ def test_gradients_match_single_rank(run_2rank, tmp_path):
     """
     from recipes.train_safedpo import run
 
-    cfg = {**_tiny(), "selection": "better", "max_steps": 1, "micro_batch_size": 3, "grad_accum_steps": 2,
-           "reference_mode": "live", "eval_split": None, "export_hf": False, "plot": False,
+    cfg = {**_tiny(), "selection": "better", "rpo_alpha": RPO_ALPHA, "max_steps": 1, "micro_batch_size": 3,
+           "grad_accum_steps": 2, "reference_mode": "live", "eval_split": None, "export_hf": False, "plot": False,
            "output_dir": str(tmp_path / "one"), "debug_dump_grads": str(tmp_path / "grads_1rank.pt")}
     result = run(cfg)
     assert result["steps"] == 1
@@ -163,6 +165,22 @@ def test_packed_equals_padded_on_2_ranks(run_2rank, tmp_path):
     loss_packed = _train_rows(read_metrics(out / "metrics.jsonl"))[0]["loss"]
     loss_padded = _train_rows(run_2rank["rows"])[0]["loss"]
     assert loss_packed == pytest.approx(loss_padded, rel=1e-6)
+
+
+def test_loss_options_reach_the_loss_in_process(tmp_path):
+    """loss_type (IPO), reference_free and rpo_alpha through run(): no reference is computed, the NLL
+    metric is logged every step, and an option the loss type does not take is refused naming the key.
+    (The values of each loss type against TRL and Liger are the losses module's tests.)"""
+    from recipes.train_safedpo import run
+
+    out = tmp_path / "ipo"
+    result = run({**_tiny(), "loss_type": "ipo", "reference_free": True, "rpo_alpha": 0.3, "max_steps": 2,
+                  "eval_split": None, "export_hf": False, "plot": False, "output_dir": str(out)})
+    assert not (out / "reference_cache").exists()
+    train = _train_rows(result["history"])
+    assert len(train) == 2 and all(math.isfinite(r["loss"]) and r["nll_loss"] > 0 for r in train)
+    with pytest.raises(ValueError, match="'label_smoothing'"):
+        run({**_tiny(), "loss_type": "hinge", "label_smoothing": 0.1, "output_dir": str(tmp_path / "bad")})
 
 
 def _tiny():
