@@ -224,12 +224,14 @@ def _dataset_fingerprint(ds) -> str:
     return h.hexdigest()[:16]
 
 
-def _model_fingerprint(cfg: dict, compute_dtype: torch.dtype) -> str:
+def _model_fingerprint(cfg: dict, compute_dtype: torch.dtype, averaged: bool) -> str:
     import transformers
 
     key: dict[str, Any] = {k: cfg[k] for k in ("model_name_or_path", "model_revision", "model_config",
                                                "liger_kernels", "average_log_prob", "max_length")}
     key["dtype"] = str(compute_dtype)
+    if averaged != cfg["average_log_prob"]:  # a loss type that averages (ipo): per-token means are cached
+        key["averaged"] = averaged
     if cfg["model_config"] is not None:  # random init: the seed and library versions decide the weights
         key.update(seed=cfg["seed"], torch=torch.__version__, transformers=transformers.__version__)
     path = cfg["model_name_or_path"]
@@ -521,7 +523,7 @@ class Recipe:
     def _precompute_reference(self) -> None:
         """Reference log-probs of the initial policy for every split, cached on disk, added as columns."""
         cache = Path(self.cfg["reference_cache_dir"] or self.out / "reference_cache")
-        model_fp = _model_fingerprint(self.cfg, self.compute_dtype)
+        model_fp = _model_fingerprint(self.cfg, self.compute_dtype, self.policy.average)
         for name in ("train", "eval_sel", "eval_raw"):
             ds = getattr(self.data, name)
             if ds is None:
@@ -910,7 +912,7 @@ class Recipe:
         if self.rank == 0:
             try:
                 box[0] = ("ok", fn())
-            except (ValueError, RuntimeError, OSError) as err:
+            except Exception as err:  # noqa: BLE001 - re-raised on every rank below
                 box[0] = ("error", err)
         if self.world > 1:
             dist.broadcast_object_list(box, src=0)

@@ -154,3 +154,20 @@ def test_plan_measure_on_cpu_matches_the_terms():
                              "peft": {"r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "bias": "none",
                                       "target_modules": ["q_proj", "v_proj"]}}, gpus=8, gpu_mem_gb=80)
     assert 0 < lora["trained_params_b"] < 0.02 and lora["parts_gb"]["optimizer (AdamW fp32 shards)"] < 0.02
+
+
+def test_progress_bar_count_moves_every_step():
+    """The train bar is advanced by hand: its count (and so its rate and ETA) is current after every
+    step, and the postfix never redraws a stale count (the old lazy-iteration bar showed 0/156)."""
+    from recipes.train_safedpo import _progress
+
+    bar = _progress(10, "train", True, initial=2)
+    try:
+        for step in range(3, 6):
+            bar.set_postfix(loss=f"{step:.4f}", refresh=False)
+            bar.update(1)
+            assert bar.n == step and f"{step}/10" in str(bar)
+    finally:
+        bar.close()
+    off = _progress(10, "train", False)
+    off.update(1), off.set_postfix(loss="x", refresh=False), off.close()  # disabled: a silent no-op
