@@ -95,9 +95,18 @@ def build_train_command(argv: list[str]) -> list[str]:
     return cmd + (["--dry-run"] if args.dry_run else [])
 
 
+def _fail(err: Exception) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
 def train(argv: list[str] | None = None) -> int:
-    """``safedpo-train``: exit code of torchrun (``--dry-run``: print the command, 0)."""
-    cmd = build_train_command(sys.argv[1:] if argv is None else argv)
+    """``safedpo-train``: exit code of torchrun (``--dry-run``: print the command, 0; 2: recipe or
+    config not found)."""
+    try:
+        cmd = build_train_command(sys.argv[1:] if argv is None else argv)
+    except FileNotFoundError as err:
+        return _fail(err)
     if cmd[-1] == "--dry-run":
         print(" ".join(cmd[:-1]))
         return 0
@@ -110,9 +119,12 @@ def train(argv: list[str] | None = None) -> int:
 def plan(argv: list[str] | None = None) -> int:
     """``safedpo-plan CONFIG [--gpus N --gpu-mem GiB --measure ...] [key=value ...]``: the memory planner."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    folder = recipes_dir()
-    if argv and not argv[0].startswith("-"):
-        argv = ["--config", str(resolve_config(argv[0], folder)), *argv[1:]]
+    try:
+        folder = recipes_dir()
+        if argv and not argv[0].startswith("-"):
+            argv = ["--config", str(resolve_config(argv[0], folder)), *argv[1:]]
+    except FileNotFoundError as err:
+        return _fail(err)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(folder.parent), *filter(None, [env.get("PYTHONPATH")])])
     return subprocess.call([sys.executable, str(folder / PLANNER), *argv], env=env)

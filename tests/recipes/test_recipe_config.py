@@ -115,6 +115,7 @@ def test_console_entry_points_build_the_torchrun_command(capsys):
     assert "torch.distributed.run" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="shipped config"):
         cli.build_train_command(["no_such_config"])
+    assert cli.train(["no_such_config"]) == 2 and "shipped config" in capsys.readouterr().err
     assert cli.plan(["llama2_13b_8x80gb", "--gpus", "8", "--gpu-mem", "80"]) == 0
 
 
