@@ -113,6 +113,28 @@ def test_resume_continues_exactly(run_2rank, tmp_path):
         assert resumed[step] == straight[step], (step, resumed[step], straight[step])
 
 
+def test_refusals_reach_every_rank_without_a_hang(run_2rank, tmp_path):
+    """On 2 ranks, rank 0 decides (lock, which checkpoint is intact) and every rank raises the same
+    error: a locked output_dir and a folder whose checkpoints are all damaged both fail fast, naming
+    the lock / the folders, instead of one rank waiting in a collective until the timeout."""
+    import json
+    import os
+    import socket
+
+    out = tmp_path / "locked"
+    out.mkdir()
+    (out / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))  # a live run
+    with pytest.raises(AssertionError, match=r"in use by another run"):
+        torchrun(run_2rank["cfg"], f"output_dir={out}", "debug_dump_grads=null", timeout=180)
+    # (a rank left waiting would have hit the 180 s timeout: TimeoutExpired, not this error)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_2rank["out"], damaged)
+    for ckpt in (damaged / "checkpoints").glob("step_*"):
+        (ckpt / ".metadata").unlink()
+    with pytest.raises(AssertionError, match=r"no usable checkpoint.*step_0000006.*\.metadata"):
+        torchrun(run_2rank["cfg"], f"output_dir={damaged}", "resume=true", "debug_dump_grads=null", timeout=180)
+
+
 def test_export_round_trip(run_2rank):
     """The safetensors export loads with from_pretrained, stays tied, and equals the final DCP weights."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
