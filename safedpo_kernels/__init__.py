@@ -23,6 +23,7 @@ from safedpo_kernels.fused import (
 from safedpo_kernels.logprobs import linear_logprobs
 from safedpo_kernels.losses import (
     AVERAGED_LOSS_TYPES,
+    LABEL_SMOOTHING_LOSS_TYPES,
     LOSS_TYPES,
     count_kept_pairs,
     count_nll_tokens,
@@ -37,6 +38,7 @@ __all__ = [
     "AVERAGED_LOSS_TYPES",
     "FusedLinearDPOLoss",
     "FusedLinearSafeDPOLoss",
+    "LABEL_SMOOTHING_LOSS_TYPES",
     "LOSS_TYPES",
     "count_kept_pairs",
     "count_nll_tokens",

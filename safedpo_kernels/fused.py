@@ -42,6 +42,8 @@ from safedpo_kernels.losses import (
 
 #: Rows of the head weight reduced at a time for the logits-mean metric (bounds its fp32 temporary).
 _WEIGHT_MEAN_BLOCK = 8192
+#: Hidden-state elements upcast at a time for the logits-mean metric.
+_LOGITS_MEAN_BLOCK_ELEMS = 2**24
 
 
 def _row_sums_counts(
@@ -87,6 +89,7 @@ def sequence_logps(
     """
     check_float_tensor("token_logps", token_logps)
     _check_target_matches(token_logps, target)
+    ignore_index = check_ignore_index("ignore_index", ignore_index)
     sums, counts = _row_sums_counts(token_logps, target, ignore_index, None)
     return sums / counts.clamp(min=1).to(sums.dtype) if average else sums
 
@@ -106,6 +109,7 @@ def packed_sequence_logps(
     """
     check_float_tensor("token_logps", token_logps)
     _check_target_matches(token_logps, target)
+    ignore_index = check_ignore_index("ignore_index", ignore_index)
     sums, counts = _row_sums_counts(token_logps, target, ignore_index, cu_seqlens)
     return sums / counts.clamp(min=1).to(sums.dtype) if average else sums
 
@@ -250,17 +254,16 @@ class _FusedLinearPreferenceLoss(nn.Module):
         with torch.no_grad():
             w_mean = _weight_column_mean(lin_weight.detach())
             b_mean = 0.0 if bias is None else bias.detach().to(w_mean.dtype).mean()
-            h = _input.detach()
-            if cu_seqlens is None:
-                per_pos = h.reshape(h.shape[0], -1, h.shape[-1]).to(w_mean.dtype) @ w_mean  # (2B, T)
-                chosen, rejected = per_pos[:b].mean(), per_pos[b:].mean()
-            else:
-                flat = h.reshape(-1, h.shape[-1])
-                split = int(cu_seqlens[b])
-                chosen = (flat[:split].to(w_mean.dtype) @ w_mean).mean()
-                rejected = (flat[split:].to(w_mean.dtype) @ w_mean).mean()
-            scale = self.logit_scale
-            return (scale * (chosen + b_mean)).float(), (scale * (rejected + b_mean)).float()
+            flat = _input.detach().reshape(-1, _input.shape[-1])
+            # Upcast a bounded block of hidden states at a time (never a full float32 copy).
+            step = max(1, _LOGITS_MEAN_BLOCK_ELEMS // max(flat.shape[1], 1))
+            per_token = torch.cat([flat[i:i + step].to(w_mean.dtype) @ w_mean for i in range(0, flat.shape[0], step)]
+                                  or [w_mean.new_zeros(0)])
+            split = per_token.shape[0] // 2 if cu_seqlens is None else int(cu_seqlens[b])
+            means = []
+            for part in (per_token[:split], per_token[split:]):
+                means.append(self.logit_scale * (part.sum() / max(part.numel(), 1) + b_mean))
+            return means[0], means[1]
 
     def _forward(self, lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias, transform_fn,
                  ref_chosen_logps, ref_rejected_logps, cu_seqlens, num_pairs, num_nll_tokens, return_metrics):
@@ -279,13 +282,14 @@ class _FusedLinearPreferenceLoss(nn.Module):
         nll = None
         if self.compute_nll_loss:
             nll = NLLTerm(self.alpha, sums[:b], sums[b:], counts[:b], counts[b:], num_nll_tokens)
-        loss, metrics = safedpo_objective(pc, pr, rc, rr, transform, delta=self.delta or 0.0, options=self.options,
-                                          reduction="mean", num_kept_pairs=num_pairs, nll=nll)
+        loss, metrics, nll_value = safedpo_objective(pc, pr, rc, rr, transform, delta=self.delta or 0.0,
+                                                     options=self.options, reduction="mean",
+                                                     num_kept_pairs=num_pairs, nll=nll)
         chosen_rewards = self.beta * (pc if rc is None else pc - rc)
         rejected_rewards = self.beta * (pr if rr is None else pr - rr)
         chosen_mean, rejected_mean = self._logits_means(lin_weight, _input, bias, cu_seqlens, b)
-        nll_loss = metrics["nll_loss"].to(loss.dtype) if nll is not None else torch.zeros((), dtype=loss.dtype,
-                                                                                          device=loss.device)
+        nll_loss = nll_value.detach() if nll_value is not None else torch.zeros((), dtype=loss.dtype,
+                                                                                 device=loss.device)
         aux = (pc, pr, chosen_mean, rejected_mean, nll_loss, chosen_rewards, rejected_rewards)
         if not return_metrics:
             return loss, aux

@@ -261,10 +261,11 @@ def safedpo_objective(
     reduction: str,
     num_kept_pairs: int | torch.Tensor | None,
     nll: NLLTerm | None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """The loss on already-validated inputs (shared by the functional API and the fused modules).
 
-    Returns ``(loss, metrics)``; metrics are per-call means over the kept pairs (0-dim float32).
+    Returns ``(loss, metrics, nll)``: metrics are per-call means over the kept pairs (0-dim
+    float32); nll the NLL term (before alpha) in the loss dtype, or None without one.
     """
     pc = policy_chosen_logps
     dtype = _compute_dtype(pc)
@@ -328,7 +329,7 @@ def safedpo_objective(
         if nll_value is not None:
             metrics["nll_loss"] = nll_value.detach()
         metrics = {k: v.float() for k, v in metrics.items()}
-    return loss, metrics
+    return loss, metrics, nll_value
 
 
 def _check_ref(ref_chosen_logps: object, ref_rejected_logps: object) -> bool:
@@ -422,27 +423,41 @@ def safedpo_loss(
         loss (0-dim, or (B,) with reduction="none"), float32 (float64 for float64 inputs);
         with ``return_metrics`` the tuple ``(loss, metrics)``.
     """
-    has_ref = _check_ref(ref_chosen_logps, ref_rejected_logps)
-    n = 4 if has_ref else 2
-    ref = check_pair_logps(LOGP_NAMES[:n], (policy_chosen_logps, policy_rejected_logps,
-                                            ref_chosen_logps, ref_rejected_logps)[:n])
+    return _functional_loss(
+        (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps),
+        (chosen_unsafe, rejected_unsafe), beta=beta, delta=delta, loss_type=loss_type,
+        label_smoothing=label_smoothing, discopop_tau=discopop_tau, reduction=reduction,
+        count=("num_kept_pairs", num_kept_pairs), rpo_alpha=rpo_alpha, token_counts=(chosen_token_counts,
+        rejected_token_counts), average_log_prob=average_log_prob, num_nll_tokens=num_nll_tokens,
+        return_metrics=return_metrics,
+    )
+
+
+def _functional_loss(logps, flags, *, beta, delta, loss_type, label_smoothing, discopop_tau, reduction, count,
+                     rpo_alpha, token_counts, average_log_prob, num_nll_tokens, return_metrics):
+    """Validation and dispatch shared by :func:`safedpo_loss` and :func:`dpo_loss` (flags None)."""
+    n = 4 if _check_ref(logps[2], logps[3]) else 2
+    ref = check_pair_logps(LOGP_NAMES[:n], logps[:n])
     _, delta = check_beta_delta(beta, delta)
     options = check_loss_options(beta, loss_type, label_smoothing, discopop_tau)
     check_choice("reduction", reduction, REDUCTIONS)
-    num_kept_pairs = check_count("num_kept_pairs", num_kept_pairs)
-    if num_kept_pairs is not None and reduction != "mean":
-        raise ValueError(f"num_kept_pairs: only used with reduction='mean', got reduction={reduction!r}")
-    cu, ru = _flag_pair(chosen_unsafe, rejected_unsafe, ref.shape[0], ref.device)
-    t = SafetyTransform(keep=~(cu & ru), swap=cu & ~ru, safe_vs_unsafe=cu ^ ru)
-    nll = _nll_term(rpo_alpha, policy_chosen_logps, policy_rejected_logps, chosen_token_counts,
-                    rejected_token_counts, average_log_prob, num_nll_tokens, reduction, ref.shape[0], ref.device)
-    loss, metrics = safedpo_objective(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, t,
-        delta=float(delta), options=options, reduction=reduction, num_kept_pairs=num_kept_pairs, nll=nll,
-    )
+    count_name, normalizer = count
+    normalizer = check_count(count_name, normalizer)
+    if normalizer is not None and reduction != "mean":
+        raise ValueError(f"{count_name}: only used with reduction='mean', got reduction={reduction!r}")
+    if flags is None:
+        t = all_kept(ref.shape[0], ref.device)
+    else:
+        cu, ru = _flag_pair(*flags, ref.shape[0], ref.device)
+        t = SafetyTransform(keep=~(cu & ru), swap=cu & ~ru, safe_vs_unsafe=cu ^ ru)
+    nll = _nll_term(rpo_alpha, logps[0], logps[1], *token_counts, average_log_prob, num_nll_tokens, reduction,
+                    ref.shape[0], ref.device)
+    loss, metrics, _ = safedpo_objective(*logps, t, delta=delta or 0.0, options=options, reduction=reduction,
+                                         num_kept_pairs=normalizer, nll=nll)
     if not return_metrics:
         return loss
-    metrics.update(transform_metrics(t))
+    if flags is not None:
+        metrics.update(transform_metrics(t))
     return loss, metrics
 
 
@@ -487,27 +502,18 @@ def dpo_loss(
     Same arguments, loss types, reductions and metrics as :func:`safedpo_loss`, without flags or
     margin; ``num_pairs`` is the step-wide pair count for exact accumulation (as num_kept_pairs).
     """
-    has_ref = _check_ref(ref_chosen_logps, ref_rejected_logps)
-    n = 4 if has_ref else 2
-    ref = check_pair_logps(LOGP_NAMES[:n], (policy_chosen_logps, policy_rejected_logps,
-                                            ref_chosen_logps, ref_rejected_logps)[:n])
-    options = check_loss_options(beta, loss_type, label_smoothing, discopop_tau)
-    check_choice("reduction", reduction, REDUCTIONS)
-    num_pairs = check_count("num_pairs", num_pairs)
-    if num_pairs is not None and reduction != "mean":
-        raise ValueError(f"num_pairs: only used with reduction='mean', got reduction={reduction!r}")
-    nll = _nll_term(rpo_alpha, policy_chosen_logps, policy_rejected_logps, chosen_token_counts,
-                    rejected_token_counts, average_log_prob, num_nll_tokens, reduction, ref.shape[0], ref.device)
-    loss, metrics = safedpo_objective(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-        all_kept(ref.shape[0], ref.device), delta=0.0, options=options, reduction=reduction,
-        num_kept_pairs=num_pairs, nll=nll,
+    return _functional_loss(
+        (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps), None, beta=beta,
+        delta=None, loss_type=loss_type, label_smoothing=label_smoothing, discopop_tau=discopop_tau,
+        reduction=reduction, count=("num_pairs", num_pairs), rpo_alpha=rpo_alpha,
+        token_counts=(chosen_token_counts, rejected_token_counts), average_log_prob=average_log_prob,
+        num_nll_tokens=num_nll_tokens, return_metrics=return_metrics,
     )
-    return (loss, metrics) if return_metrics else loss
 
 
 __all__ = [
     "AVERAGED_LOSS_TYPES",
+    "LABEL_SMOOTHING_LOSS_TYPES",
     "LOSS_TYPES",
     "SafetyTransform",
     "check_loss_options",
