@@ -27,6 +27,7 @@ and the result is scattered back with exact zeros at ignored positions.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,15 +40,19 @@ from safedpo_kernels._checks import (
     env_positive_float,
 )
 
-#: Bytes of float32 tile buffers (logits, softmax, gradient of the logits; for low-precision weight
-#: gradients also the float32 (vocab block, H) accumulator) alive at once.
-#: Override with the environment variable SAFEDPO_CHUNK_BUDGET_MB.
+#: Bytes of tile buffers (logits and their exponentials / gradient, low-precision copies; for
+#: low-precision weight gradients over several token chunks also a float32 (vocab block, H)
+#: accumulator) alive at once. Override with the environment variable SAFEDPO_CHUNK_BUDGET_MB.
 DEFAULT_CHUNK_BUDGET_BYTES = 48 * 2**20
-#: Smallest token chunk when the vocabulary is tiled: keeps each matmul large enough to run at the
-#: GEMM rate and limits how often the weight is re-read (see docs/torch_path.md for the measurement).
+#: Smallest token chunk (unless there are fewer tokens) and the vocabulary block the token chunk is
+#: sized for: tiles are as tall as the budget allows with blocks of at least MIN_VOCAB_BLOCK rows,
+#: so every matmul is large at any V (docs/torch_path.md has the measurements behind the choice).
 MIN_TOKEN_CHUNK = 256
-#: float32 (token chunk, vocab block) buffers alive at once inside a tile.
-_LIVE_BUFFERS = 3
+MIN_VOCAB_BLOCK = 1024
+#: Bytes per tile cell: three float32 (float64 for float64 inputs) buffers, or for bf16/fp16 one
+#: float32 buffer, its low-precision copy, the low-precision GEMM output and (capped heads) tanh.
+_BYTES_PER_CELL = {torch.float64: 24}
+_DEFAULT_BYTES_PER_CELL = 12
 
 
 @dataclass(frozen=True)
@@ -69,30 +74,26 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def tile_sizes(num_tokens: int, vocab: int, hidden: int, dtype: torch.dtype,
                weight_grad_block: bool = False) -> tuple[int, int]:
-    """(token chunk, vocab block) of the torch path for a budget of ``SAFEDPO_CHUNK_BUDGET_MB``.
+    """(token chunk, vocab block) of the torch path within ``SAFEDPO_CHUNK_BUDGET_MB``.
 
-    The whole vocabulary is one block while that leaves at least ``MIN_TOKEN_CHUNK`` tokens per chunk;
-    beyond that the chunk stays at ``MIN_TOKEN_CHUNK`` tokens and the vocabulary is split instead, so
-    the matmuls stay large at any V. ``weight_grad_block``: the tile also holds a float32
-    (vocab block, hidden) weight-gradient accumulator (low-precision weights), counted in the budget.
+    Everything in one tile if it fits; else the token chunk is as large as the budget allows with
+    vocabulary blocks of ``MIN_VOCAB_BLOCK`` rows (at least ``MIN_TOKEN_CHUNK`` tokens), and the
+    vocabulary block takes the rest of the budget. ``weight_grad_block``: low-precision weight
+    gradients, which need a float32 (vocab block, hidden) accumulator when the tokens span several
+    chunks; it is then counted in the budget.
     """
     budget = _chunk_budget_bytes()
-    elem = 8 if dtype == torch.float64 else 4
-    per_cell = elem * _LIVE_BUFFERS
-    per_vocab_row = 4 * hidden if weight_grad_block else 0
-    floor = min(num_tokens, MIN_TOKEN_CHUNK)
-    # Whole vocabulary in one block if that leaves >= floor tokens per chunk.
-    chunk = (budget - vocab * per_vocab_row) // max(1, vocab * per_cell)
-    if chunk >= floor:
-        return max(1, min(num_tokens, chunk)), vocab
-    block = budget // max(1, floor * per_cell + per_vocab_row)
-    block = max(1, min(vocab, block))
-    return max(1, floor), block
-
-
-def chunk_sizes(num_tokens: int, vocab: int, dtype: torch.dtype, hidden: int = 0) -> tuple[int, int]:
-    """(token chunk, vocab block) of the forward; kept for callers of the earlier API."""
-    return tile_sizes(num_tokens, vocab, hidden, dtype)
+    per_cell = _BYTES_PER_CELL.get(dtype, _DEFAULT_BYTES_PER_CELL)
+    cells = max(1, budget // per_cell)
+    if num_tokens * vocab <= cells:
+        return max(1, num_tokens), vocab
+    chunk = min(num_tokens, max(MIN_TOKEN_CHUNK, cells // MIN_VOCAB_BLOCK))
+    block = max(1, min(vocab, cells // max(1, chunk)))
+    if block == vocab:
+        chunk = min(num_tokens, max(chunk, cells // vocab))
+    if weight_grad_block and chunk < num_tokens:
+        block = max(1, min(block, budget // (chunk * per_cell + 4 * hidden)))
+    return max(1, chunk), block
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,27 +122,49 @@ def mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     the backend has one (``out_dtype``, CUDA), else the low-precision GEMM (float32 accumulation
     inside, one rounding of its output, as eager PyTorch) upcast to float32.
     """
-    if a.dtype == acc:
-        return a @ b
-    if _mm_out_dtype_supported(a.device, a.dtype):
+    out = mm_native(a, b, acc)
+    return out if out.dtype == acc else out.to(acc)
+
+
+def mm_native(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``a @ b`` with an ``acc`` result where the backend has one, else in the operands' dtype
+    (the caller folds the upcast into its next elementwise pass)."""
+    if a.dtype != acc and _mm_out_dtype_supported(a.device, a.dtype):
         return torch.mm(a, b, out_dtype=acc)
-    return (a @ b).to(acc)
+    return a @ b
 
 
-def _tile_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, head: HeadOptions, acc: torch.dtype):
-    """Transformed logits l (T, Vb) in ``acc``, and for a capped head t = tanh(scale z / cap) (else None).
+def _tile_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, head: HeadOptions,
+                 acc: torch.dtype, row_offset: torch.Tensor | None = None):
+    """``l + row_offset[:, None]`` (T, Vb) in ``acc``, and for a capped head t = tanh(scale z / cap).
 
-    For a capped head ``l`` and ``t`` share no storage (l = cap * t).
+    h (T, H), w (Vb, H) in the inputs' dtype, b (Vb,) or None, row_offset (T,) ``acc`` or None.
+    Without a cap, the scale and the row offset are folded into the GEMM (``addmm``) or into the
+    upcast of a low-precision GEMM output, so the tile is written once or twice, not four times.
     """
-    z = mm_acc(h, w.T, acc)
+    scale, cap = head.logit_scale, head.softcap
+    if cap is None and row_offset is not None and h.dtype == acc:
+        out = torch.addmm(row_offset[:, None], h, w.T, alpha=scale)
+    else:
+        z = mm_native(h, w.T, acc)
+        if cap is None:
+            if row_offset is not None:
+                out = torch.add(row_offset[:, None], z, alpha=scale)  # upcast + scale + offset, one pass
+            else:
+                out = z if z.dtype == acc else z.to(acc)
+                if scale != 1.0:
+                    out.mul_(scale)
+        else:
+            z = z if z.dtype == acc else z.to(acc)
+            if b is not None:
+                z += b.to(acc)
+            t = z.mul_(scale / cap).tanh_()
+            if row_offset is None:
+                return t * cap, t
+            return torch.add(row_offset[:, None], t, alpha=cap), t
     if b is not None:
-        z += b.to(acc)
-    if head.softcap is None:
-        if head.logit_scale != 1.0:
-            z.mul_(head.logit_scale)
-        return z, None
-    t = z.mul_(head.logit_scale / head.softcap).tanh_()
-    return t * head.softcap, t
+        out.add_(b.to(acc), alpha=scale)
+    return out, None
 
 
 def _cap_derivative_(t: torch.Tensor, head: HeadOptions) -> torch.Tensor:
@@ -234,13 +257,18 @@ def frozen_head_forward(
             block_sum = e.sum(-1)
             if t is not None:  # weight each probability by its own cap derivative
                 e.mul_(_cap_derivative_(t, head))
-            part = mm_acc(e.to(w.dtype), w, acc)
+            e_w = e if e.dtype == w.dtype else e.to(w.dtype)
             if run_max is None:
-                run_sum, mean = block_sum, part
+                run_sum, mean = block_sum, mm_acc(e_w, w, acc)
             else:
                 alpha = torch.exp(run_max - new_max)
                 run_sum = run_sum.mul_(alpha).add_(block_sum)
-                mean = mean.mul_(alpha[:, None]).add_(part)
+                if not bool((alpha == 1).all()):  # the max moved for some token: rescale its sum
+                    mean.mul_(alpha[:, None])
+                if e_w.dtype == acc:
+                    mean.addmm_(e_w, w)
+                else:
+                    mean += mm_native(e_w, w, acc)
             run_max = new_max
         mean.div_(run_sum[:, None])
         if head.softcap is None and head.logit_scale != 1.0:
@@ -268,63 +296,83 @@ def chunked_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of sum(g * logp) w.r.t. (hidden, weight, bias), returned in the inputs' dtypes.
 
-    d logp_i / d l_ij = onehot(y_i)_j - p_ij and dl/dz = c', so with G = g (onehot - p) c',
-    recomputed per tile from the saved lse: grad_hidden = G @ W, grad_weight = G.T @ H,
-    grad_bias = G.sum(0). Vocabulary blocks outside, token chunks inside: each block's weight
-    gradient is complete when its token loop ends, so low-precision weights need a float32
-    accumulator of one block only (never (V, H)); grad_hidden accumulates in a float32 (M, H) buffer
-    (the output itself for float32 inputs). G is rounded to the inputs' dtype for the low-precision
-    GEMMs, as eager autograd does.
+    d logp_i / d l_ij = onehot(y_i)_j - p_ij and dl/dz = c', so G = g (onehot - p) c' and
+    grad_hidden = G @ W, grad_weight = G.T @ H, grad_bias = G.sum(0), with each tile of G
+    recomputed from the saved lse. The row factor is taken out: with s = sign(g),
+    ``M = exp(l - lse + log|g| + log scale) [- scale |g| at the label] (* (1 - t^2) with a cap)``
+    (one GEMM with the offset folded in, one exp) gives G = -s M, so grad_hidden = -s (M @ W),
+    grad_weight = M.T @ (-s H), grad_bias = M.T @ (-s).
+
+    Vocabulary blocks outside, token chunks inside: a block's weight gradient is complete when its
+    token loop ends, written once in the weight's dtype (one GEMM, as eager, when all tokens fit one
+    chunk; else accumulated in a float32 block); grad_hidden accumulates in float32 (the output
+    itself for float32 inputs). M is rounded to the inputs' dtype for low-precision GEMMs, as eager
+    autograd rounds the logits' gradient.
     """
     need_h, need_w, need_b = needs
     m = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
     low = hidden.dtype != acc
     chunk, block = tile_sizes(m, weight.shape[0], weight.shape[1], hidden.dtype, weight_grad_block=need_w and low)
-    grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+    g = grad_logp.to(acc)
+    abs_g = g.abs()
+    row = -torch.sign(g)  # exact in every dtype (-1, 0, 1 or NaN)
+    offset = torch.log(abs_g).sub_(lse)
+    if head.logit_scale != 1.0:
+        offset += math.log(head.logit_scale)
+    onehot = abs_g * head.logit_scale
+    signed_hidden = hidden * row.to(hidden.dtype)[:, None] if need_w else None
+    u = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
     grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
-    grad_b = torch.empty(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
-    g_all = grad_logp.to(acc)
+    grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
     for v0, v1 in _spans(weight.shape[0], block):
         w = weight[v0:v1]
         b = None if bias is None else bias[v0:v1]
-        gw = (torch.zeros(v1 - v0, weight.shape[1], dtype=acc, device=weight.device) if low else grad_w[v0:v1].zero_()) if need_w else None
-        gb = torch.zeros(v1 - v0, dtype=acc, device=weight.device) if need_b else None
+        gw = grad_w[v0:v1] if need_w else None
+        gw_acc = None
         for s0, s1 in _spans(m, chunk):
-            h = hidden[s0:s1]
             y = labels[s0:s1]
-            g = g_all[s0:s1]
-            logits, t = _tile_logits(h, w, b, head, acc)
-            # G = g * (onehot - p) * c', in place on the logits buffer.
-            grad_l = logits.sub_(lse[s0:s1, None]).exp_().mul_(-g[:, None])
+            tile, t = _tile_logits(hidden[s0:s1], w, b, head, acc, row_offset=offset[s0:s1])
+            tile.exp_()
             rows = ((y >= v0) & (y < v1)).nonzero().squeeze(-1)
-            grad_l[rows, y[rows] - v0] += g[rows]
+            tile[rows, y[rows] - v0] -= onehot[s0:s1][rows]
             if t is not None:
-                grad_l.mul_(_cap_derivative_(t, head))
-            elif head.logit_scale != 1.0:
-                grad_l.mul_(head.logit_scale)
+                tile.mul_(t.mul_(t).neg_().add_(1.0))
             if need_b:
-                gb += grad_l.sum(0)
-            grad_lo = grad_l.to(hidden.dtype) if low else grad_l
+                grad_b[v0:v1].addmv_(tile.T, row[s0:s1])
+            tile_lo = tile.to(hidden.dtype) if low else tile
             if need_h:
                 if low:
-                    grad_h[s0:s1] += mm_acc(grad_lo, w, acc)
+                    u[s0:s1] += mm_native(tile_lo, w, acc)
                 else:
-                    grad_h[s0:s1].addmm_(grad_lo, w)
+                    u[s0:s1].addmm_(tile_lo, w)
             if need_w:
-                if low:
-                    gw += mm_acc(grad_lo.T, h, acc)
+                hs = signed_hidden[s0:s1]
+                if s1 - s0 == m:  # one chunk holds every token: one GEMM writes the block
+                    _mm_into(gw, tile_lo.T, hs, acc)
+                elif not low:
+                    if s0 == 0:
+                        torch.mm(tile_lo.T, hs, out=gw)
+                    else:
+                        gw.addmm_(tile_lo.T, hs)
                 else:
-                    gw.addmm_(grad_lo.T, h)
-        if need_w and low:
-            grad_w[v0:v1] = gw
-        if need_b:
-            grad_b[v0:v1] = gb
-    return (
-        None if grad_h is None else grad_h.to(hidden.dtype),
-        grad_w,
-        None if grad_b is None else grad_b.to(bias.dtype),
-    )
+                    part = mm_native(tile_lo.T, hs, acc)
+                    gw_acc = part.to(acc) if gw_acc is None else gw_acc.add_(part)
+        if gw_acc is not None:
+            gw.copy_(gw_acc)
+    grad_h = None
+    if need_h:
+        grad_h = u.mul_(row[:, None]).to(hidden.dtype)
+    return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype)
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> None:
+    """out = a @ b, one GEMM in the operands' dtype rounded once to ``out``'s dtype."""
+    native_out = a.dtype == acc or not _mm_out_dtype_supported(a.device, a.dtype)
+    if native_out and a.dtype == out.dtype and out.is_contiguous():
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(mm_native(a, b, acc))
 
 
 # ---------------------------------------------------------------------------------------------

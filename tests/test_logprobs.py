@@ -75,26 +75,35 @@ def test_low_precision_no_worse_than_eager(seed, small_chunks, dtype):
         assert _rel(g, r) <= 1.1 * _rel(e, r), (_rel(g, r), _rel(e, r))
 
 
-def test_tile_sizes_follow_budget(monkeypatch):
-    monkeypatch.setenv("SAFEDPO_CHUNK_BUDGET_MB", "12")
-    budget = 12 * 2**20
-    # Small vocabulary: one block, as many tokens as the budget allows.
-    chunk, block = lp.tile_sizes(100_000, 2000, 1024, torch.float32)
-    assert block == 2000 and chunk * block * 4 * 3 <= budget < (chunk + 1) * block * 4 * 3
-    # Large vocabulary: the token chunk stays at the floor and the vocabulary is split.
-    for v in (32000, 128256, 152064):
-        chunk, block = lp.tile_sizes(100_000, v, 1024, torch.float32)
-        assert chunk == lp.MIN_TOKEN_CHUNK and block < v
-        assert chunk * block * 4 * 3 <= budget < chunk * (block + 1) * 4 * 3
-        # bf16 weight gradients: the float32 (block, H) accumulator is in the budget too.
-        chunk, block = lp.tile_sizes(100_000, v, 1024, torch.bfloat16, weight_grad_block=True)
-        assert chunk == lp.MIN_TOKEN_CHUNK and chunk * block * 12 + block * 1024 * 4 <= budget
-    assert lp.tile_sizes(5, 32000, 64, torch.float32)[0] == 5
-    assert lp.tile_sizes(1, 1, 1, torch.float64) == (1, 1)
-    for bad in ("lots", "nan", "inf", "-1", "0"):
-        monkeypatch.setenv("SAFEDPO_CHUNK_BUDGET_MB", bad)
-        with pytest.raises(ValueError, match="SAFEDPO_CHUNK_BUDGET_MB"):
-            lp.tile_sizes(10, 10, 4, torch.float32)
+@pytest.mark.parametrize("budget_mb", [12, 48, 200])
+def test_tile_sizes_follow_budget(monkeypatch, budget_mb):
+    """Tiles fit the budget, token chunks stay large (>= MIN_TOKEN_CHUNK, and as tall as blocks of
+    MIN_VOCAB_BLOCK rows allow) at any V; a float32 weight-gradient block is counted when needed."""
+    monkeypatch.setenv("SAFEDPO_CHUNK_BUDGET_MB", str(budget_mb))
+    budget = budget_mb * 2**20
+    for n in (1, 300, 4096, 100_000):
+        for v in (7, 2000, 32000, 128256, 152064):
+            for dtype, cell in ((torch.float32, 12), (torch.bfloat16, 12), (torch.float64, 24)):
+                chunk, block = lp.tile_sizes(n, v, 2048, dtype)
+                assert 1 <= chunk <= n and 1 <= block <= v
+                if n * v * cell <= budget:
+                    assert (chunk, block) == (n, v)
+                    continue
+                assert chunk * block * cell <= budget
+                assert chunk >= min(n, lp.MIN_TOKEN_CHUNK)
+                assert chunk == n or block == v or chunk * lp.MIN_VOCAB_BLOCK * cell > budget - lp.MIN_VOCAB_BLOCK * cell
+                assert block == v or chunk * (block + 1) * cell > budget  # the block uses the budget
+                c2, b2 = lp.tile_sizes(n, v, 2048, dtype, weight_grad_block=True)
+                if c2 < n:
+                    assert c2 * b2 * cell + b2 * 2048 * 4 <= budget or b2 == 1
+
+
+def test_tile_sizes_at_the_benchmark_shapes():
+    """The default budget keeps hundreds to thousands of tokens per chunk at V=32000 and V=128256."""
+    assert lp.tile_sizes(4096, 32000, 1024, torch.float32) == (4096, 1024)
+    assert lp.tile_sizes(2048, 128256, 2048, torch.bfloat16) == (2048, 2048)
+    chunk, block = lp.tile_sizes(65536, 152064, 4096, torch.bfloat16, weight_grad_block=True)
+    assert chunk == 4096 and 512 <= block < 1024
 
 
 def test_all_ignored_gives_zeros_and_zero_grads(seed):

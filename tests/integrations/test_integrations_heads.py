@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _integration_helpers import assert_grads_close, eager_sequence_logps, grads_of
+from _integration_helpers import eager_sequence_logps, grads_of
 from torch import nn
 
 from safedpo_kernels.integrations import (
@@ -26,14 +26,14 @@ SMALL = dict(vocab_size=301, hidden_size=32, intermediate_size=64, num_hidden_la
 #: model_type -> (config overrides, expected (logit_scale, softcap)). Transforms chosen large enough to matter.
 FAMILIES = {
     "llama": ({}, (1.0, None)),
-    "gemma2": (dict(final_logit_softcapping=0.5), (1.0, 0.5)),
-    "gemma3_text": (dict(final_logit_softcapping=0.5), (1.0, 0.5)),
-    "gemma3n_text": (dict(final_logit_softcapping=0.5, num_kv_shared_layers=0,
-                          layer_types=["sliding_attention", "full_attention"]), (1.0, 0.5)),
-    "gemma4_text": (dict(final_logit_softcapping=0.5), (1.0, 0.5)),
-    "vaultgemma": (dict(final_logit_softcapping=0.5), (1.0, 0.5)),
-    "nanochat": (dict(final_logit_softcapping=0.5), (1.0, 0.5)),
-    "recurrent_gemma": (dict(logits_soft_cap=0.5), (1.0, 0.5)),
+    "gemma2": (dict(final_logit_softcapping=2.0), (1.0, 2.0)),
+    "gemma3_text": (dict(final_logit_softcapping=2.0), (1.0, 2.0)),
+    "gemma3n_text": (dict(final_logit_softcapping=2.0, num_kv_shared_layers=0,
+                          layer_types=["sliding_attention", "full_attention"]), (1.0, 2.0)),
+    "gemma4_text": (dict(final_logit_softcapping=2.0), (1.0, 2.0)),
+    "vaultgemma": (dict(final_logit_softcapping=2.0), (1.0, 2.0)),
+    "nanochat": (dict(final_logit_softcapping=2.0), (1.0, 2.0)),
+    "recurrent_gemma": (dict(logits_soft_cap=2.0), (1.0, 2.0)),
     "cohere": (dict(logit_scale=4.0), (4.0, None)),
     "cohere2": (dict(logit_scale=4.0), (4.0, None)),
     "cohere2_moe": (dict(logit_scale=4.0), (4.0, None)),
@@ -121,6 +121,8 @@ def _safedpo(seq, batch):
 def test_fused_safedpo_equals_the_models_full_logit_forward_fp32(model_type, path, seed):
     """Loss and every parameter gradient through the fused head equal the model's own logits (fp32, 1e-5)."""
     lm = tiny_lm(model_type, seed=seed)
+    with torch.no_grad():  # logits of a few units (not ~0.1 as at init), so each transform matters
+        lm.get_output_embeddings().weight.mul_(25.0)
     lm.train()
     batch = _batch(seed)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -141,9 +143,13 @@ def test_fused_safedpo_equals_the_models_full_logit_forward_fp32(model_type, pat
     eager.backward()
     torch.testing.assert_close(seq, eager_seq.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, eager.detach(), rtol=1e-5, atol=1e-6)
-    assert_grads_close(fused_grads, grads_of(lm), rtol=1e-5, atol=1e-6)
+    eager_grads = grads_of(lm)
+    assert fused_grads.keys() == eager_grads.keys()
+    for name, g in eager_grads.items():  # fp32: 1e-5 relative to each gradient's scale
+        torch.testing.assert_close(fused_grads[name], g, rtol=1e-5, atol=1e-5 * g.abs().max().item(),
+                                   msg=lambda m, n=name: f"{n}: {m}")
     if model_type != "llama":  # the raw lm_head.weight alone (the old quickstart pattern) is wrong for these
         with torch.no_grad():
             out = hidden_states_and_head_weight(lm, ids, mask)
             raw = _safedpo(causal_lm_sequence_logps(out.hidden, out.weight, labels), batch)
-        assert (raw - eager).abs() > 1e-3 * eager.abs()
+        assert (raw - eager).abs() > 0.05 * eager.abs()
