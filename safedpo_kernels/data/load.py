@@ -26,10 +26,11 @@ from safedpo_kernels.data.schema import (
     detect_schema,
 )
 
-__all__ = ["load_pairs", "fixture_path", "load_fixture_tokenizer", "FIXTURES_DIR"]
+__all__ = ["load_pairs", "fixture_path", "fixture_tokenizer_path", "load_fixture_tokenizer", "FIXTURES_DIR"]
 
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
-FIXTURE_NAMES = ("pku_tiny",)
+FIXTURE_NAMES = ("pku_tiny", "pku_long")
+FIXTURE_SPLITS = {"pku_tiny": ("train", "test"), "pku_long": ("train", "validation", "test")}
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 KNOWN_SPLITS = ("train", "test", "validation", "valid", "dev", "eval")
 _MAX_EXAMPLES = 10
@@ -38,19 +39,27 @@ ADAPTER_VERSION = 1
 
 
 def fixture_path(name: str = "pku_tiny") -> Path:
-    """Folder of a committed fixture (``train.jsonl``, ``test.jsonl`` in the PKU-SafeRLHF-30K schema)."""
+    """Folder of a committed fixture (one ``<split>.jsonl`` per split of ``FIXTURE_SPLITS[name]``, in the
+    PKU-SafeRLHF-30K schema). ``pku_tiny``: train/test, short answers; ``pku_long``: train/validation/test,
+    PKU-length answers, held-out topics and templates (see docs/data.md)."""
     if name not in FIXTURE_NAMES:
         raise ValueError(f"name: expected one of {list(FIXTURE_NAMES)}, got {name!r}")
     return FIXTURES_DIR / name
 
 
-def load_fixture_tokenizer():
-    """The committed tiny tokenizer (BPE, 448 tokens; ``<pad>``=0, ``<s>``=1 prepended, ``</s>``=2 eos,
-    ``<unk>``=3), loaded offline as ``transformers.PreTrainedTokenizerFast``. It has no chat template,
-    so :func:`tokenize_pairs` uses the plain template."""
+def fixture_tokenizer_path(name: str = "pku_tiny") -> Path:
+    """Folder of the tokenizer of fixture ``name`` (``pku_tiny`` uses the shared ``fixtures/tokenizer``)."""
+    fixture_path(name)  # validates the name
+    return FIXTURES_DIR / "tokenizer" if name == "pku_tiny" else FIXTURES_DIR / name / "tokenizer"
+
+
+def load_fixture_tokenizer(name: str = "pku_tiny"):
+    """The committed tokenizer of fixture ``name``, loaded offline as ``transformers.PreTrainedTokenizerFast``
+    (BPE; ``<pad>``=0, ``<s>``=1 prepended, ``</s>``=2 eos, ``<unk>``=3). ``pku_tiny``: 448 tokens;
+    ``pku_long``: 1024 tokens. No chat template, so :func:`tokenize_pairs` uses the plain template."""
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast.from_pretrained(str(FIXTURES_DIR / "tokenizer"))
+    return PreTrainedTokenizerFast.from_pretrained(str(fixture_tokenizer_path(name)))
 
 
 def _split_of(path: Path, root: Path) -> str | None:
@@ -93,10 +102,11 @@ def _read_raw(source: str, split: str, name: str | None, load_kwargs: dict[str, 
 
     notes: list[str] = []
     if source.startswith("fixture:"):
-        path = fixture_path(source.split(":", 1)[1])
-        files = {s: str(path / f"{s}.jsonl") for s in ("train", "test")}
+        fixture = source.split(":", 1)[1]
+        path = fixture_path(fixture)
+        files = {s: str(path / f"{s}.jsonl") for s in FIXTURE_SPLITS[fixture]}
         if split not in files:
-            raise ValueError(f"split: the fixture has splits ['train', 'test'], got {split!r}")
+            raise ValueError(f"split: the fixture {fixture!r} has splits {list(files)}, got {split!r}")
         ds = datasets.load_dataset("json", data_files={split: files[split]}, split=split, **load_kwargs)
         return ds, f"json:{files[split]}", notes
     path = Path(source).expanduser()
