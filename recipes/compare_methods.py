@@ -274,7 +274,9 @@ def build_stage_configs(cfg: dict, *, seed: int, stage_root: Path, sft_dir: Path
 
 
 SFT_MARKER = "compare_sft.json"
-_LOCATION_KEYS = ("output_dir", "reference_cache_dir")
+# Keys that do not change the trained model (where it is written, what is evaluated or logged).
+_LOCATION_KEYS = ("output_dir", "reference_cache_dir", "eval_split", "eval_limit", "eval_batch_size", "eval_every",
+                  "eval_at_start", "log_every", "plot", "progress_bar")
 
 
 def _sft_identity(stage_cfg: dict) -> dict:
