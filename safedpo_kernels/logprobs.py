@@ -1,11 +1,23 @@
 """``linear_logprobs``: per-token log-probs of a linear head without materializing the logits.
 
-Two exact paths compute ``log_softmax(hidden @ weight.T + bias)[label]`` and its gradients:
+Logits are ``z = hidden @ weight.T + bias``, then ``l = softcap * tanh(logit_scale * z / softcap)``
+when ``softcap`` is set, else ``l = logit_scale * z``; the result is ``log_softmax(l)[label]``.
+Two exact paths compute it and its gradients:
 
-* ``impl="torch"``: a chunked ``torch.autograd.Function`` that runs on any device. Tokens are
-  processed in chunks whose ``chunk x vocab_block`` float32 logits fit a memory budget; only the
-  per-token log-sum-exp (N floats) is kept between forward and backward, and each chunk's logits
-  are recomputed in backward. All arithmetic is float32 (float64 for float64 inputs).
+* ``impl="torch"``: chunked ``torch.autograd.Function``s that run on any device (docs/torch_path.md).
+  Matmuls run in the inputs' dtype with float32 results (float64 for float64 inputs); everything
+  else (log-sum-exp, softmax, gradient of the logits, accumulations) is float32. Tiles of
+  ``token chunk x vocab block`` logits fit a memory budget. Two autograd Functions:
+
+  - recompute path (``ChunkedLinearLogprobs``): the forward keeps only the per-token log-sum-exp;
+    the backward recomputes each tile's logits (8NHV FLOPs in all);
+  - frozen-head path (``FrozenHeadLinearLogprobs``), chosen when ``weight`` / ``bias`` need no
+    gradient and ``hidden`` does: the forward also accumulates the softmax-weighted row mean
+    ``sum_v p_v c'_v W_v`` online (flash-attention style) and keeps one float32 (N, H) buffer; the
+    backward is elementwise (4NHV FLOPs in all).
+
+  Both ignore autocast (computing in the inputs' dtype), turn a non-finite log-prob into NaN (and
+  its gradients with it) and raise a clear error on double backward.
 * ``impl="triton"``: the fused Triton kernels (``safedpo_kernels.triton_logprobs``).
 
 Both see only the tokens whose label is not ``ignore_index``: those are gathered before any matmul
@@ -14,92 +26,234 @@ and the result is scattered back with exact zeros at ignored positions.
 
 from __future__ import annotations
 
-import os
+import contextlib
+from dataclasses import dataclass
 
 import torch
 
-from safedpo_kernels._checks import IMPLS, check_choice, check_linear_inputs
+from safedpo_kernels._checks import (
+    IMPLS,
+    check_choice,
+    check_linear_inputs,
+    check_logit_transform,
+    env_positive_float,
+)
 
-#: Bytes of float32 logits (and their softmax / gradient) one chunk may hold at once.
+#: Bytes of float32 tile buffers (logits, softmax, gradient of the logits; for low-precision weight
+#: gradients also the float32 (vocab block, H) accumulator) alive at once.
 #: Override with the environment variable SAFEDPO_CHUNK_BUDGET_MB.
 DEFAULT_CHUNK_BUDGET_BYTES = 48 * 2**20
-#: Rows of the weight upcast to float32 at a time for bf16/fp16 inputs (float32 weights are used
-#: in place, as one block).
-LOW_PRECISION_VOCAB_BLOCK = 8192
-#: float32 buffers of shape (chunk, vocab_block) alive at once inside a chunk (logits, probs, grad).
+#: Smallest token chunk when the vocabulary is tiled: keeps each matmul large enough to run at the
+#: GEMM rate and limits how often the weight is re-read (see docs/torch_path.md for the measurement).
+MIN_TOKEN_CHUNK = 256
+#: float32 (token chunk, vocab block) buffers alive at once inside a tile.
 _LIVE_BUFFERS = 3
 
 
+@dataclass(frozen=True)
+class HeadOptions:
+    """The logit transform after ``z = h @ W.T + b``: ``cap * tanh(scale * z / cap)`` or ``scale * z``."""
+
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+
 def _chunk_budget_bytes() -> int:
-    env = os.environ.get("SAFEDPO_CHUNK_BUDGET_MB")
-    if env is None:
-        return DEFAULT_CHUNK_BUDGET_BYTES
-    try:
-        mb = float(env)
-    except ValueError:
-        raise ValueError(f"SAFEDPO_CHUNK_BUDGET_MB: expected a number of MiB, got {env!r}") from None
-    if mb <= 0:
-        raise ValueError(f"SAFEDPO_CHUNK_BUDGET_MB: expected a number > 0, got {env!r}")
-    return int(mb * 2**20)
-
-
-def chunk_sizes(num_tokens: int, vocab: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(token chunk, vocab block) for the torch path: ``chunk * vocab_block * 4 * 3 <= budget``."""
-    vocab_block = vocab if dtype in (torch.float32, torch.float64) else min(vocab, LOW_PRECISION_VOCAB_BLOCK)
-    elem = 8 if dtype == torch.float64 else 4
-    chunk = _chunk_budget_bytes() // max(1, vocab_block * elem * _LIVE_BUFFERS)
-    return max(1, min(num_tokens, chunk)), vocab_block
+    mb = env_positive_float("SAFEDPO_CHUNK_BUDGET_MB", DEFAULT_CHUNK_BUDGET_BYTES / 2**20)
+    return max(1, int(mb * 2**20))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def tile_sizes(num_tokens: int, vocab: int, hidden: int, dtype: torch.dtype,
+               weight_grad_block: bool = False) -> tuple[int, int]:
+    """(token chunk, vocab block) of the torch path for a budget of ``SAFEDPO_CHUNK_BUDGET_MB``.
+
+    The whole vocabulary is one block while that leaves at least ``MIN_TOKEN_CHUNK`` tokens per chunk;
+    beyond that the chunk stays at ``MIN_TOKEN_CHUNK`` tokens and the vocabulary is split instead, so
+    the matmuls stay large at any V. ``weight_grad_block``: the tile also holds a float32
+    (vocab block, hidden) weight-gradient accumulator (low-precision weights), counted in the budget.
+    """
+    budget = _chunk_budget_bytes()
+    elem = 8 if dtype == torch.float64 else 4
+    per_cell = elem * _LIVE_BUFFERS
+    per_vocab_row = 4 * hidden if weight_grad_block else 0
+    floor = min(num_tokens, MIN_TOKEN_CHUNK)
+    # Whole vocabulary in one block if that leaves >= floor tokens per chunk.
+    chunk = (budget - vocab * per_vocab_row) // max(1, vocab * per_cell)
+    if chunk >= floor:
+        return max(1, min(num_tokens, chunk)), vocab
+    block = budget // max(1, floor * per_cell + per_vocab_row)
+    block = max(1, min(vocab, block))
+    return max(1, floor), block
+
+
+def chunk_sizes(num_tokens: int, vocab: int, dtype: torch.dtype, hidden: int = 0) -> tuple[int, int]:
+    """(token chunk, vocab block) of the forward; kept for callers of the earlier API."""
+    return tile_sizes(num_tokens, vocab, hidden, dtype)
+
+
 # ---------------------------------------------------------------------------------------------
-# The chunked torch path
+# Tiles: matmuls in the inputs' dtype with float32 results, the logit transform
 # ---------------------------------------------------------------------------------------------
 
-
-def _vocab_blocks(weight: torch.Tensor, bias: torch.Tensor | None, vocab_block: int, acc: torch.dtype):
-    """Yield (start, weight block, bias block) upcast to the accumulation dtype."""
-    for v0 in range(0, weight.shape[0], vocab_block):
-        w = weight[v0 : v0 + vocab_block].to(acc)
-        b = None if bias is None else bias[v0 : v0 + vocab_block].to(acc)
-        yield v0, w, b
+_OUT_DTYPE_MM: dict[str, bool] = {}
 
 
-def _target_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):
-    """z_i = h_i . W[y_i] + b[y_i] for a chunk, in the accumulation dtype h already has."""
-    z = (h * weight[labels].to(h.dtype)).sum(-1)
+def _mm_out_dtype_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for ``dtype`` on this device type."""
+    key = f"{device.type}:{dtype}"
+    if key not in _OUT_DTYPE_MM:
+        try:
+            a = torch.ones(2, 2, dtype=dtype, device=device)
+            _OUT_DTYPE_MM[key] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, NotImplementedError, TypeError):
+            _OUT_DTYPE_MM[key] = False
+    return _OUT_DTYPE_MM[key]
+
+
+def mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``a @ b`` in the operands' dtype with an ``acc`` result.
+
+    float32/float64 operands: a plain matmul. bfloat16/float16: a GEMM with a float32 output where
+    the backend has one (``out_dtype``, CUDA), else the low-precision GEMM (float32 accumulation
+    inside, one rounding of its output, as eager PyTorch) upcast to float32.
+    """
+    if a.dtype == acc:
+        return a @ b
+    if _mm_out_dtype_supported(a.device, a.dtype):
+        return torch.mm(a, b, out_dtype=acc)
+    return (a @ b).to(acc)
+
+
+def _tile_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, head: HeadOptions, acc: torch.dtype):
+    """Transformed logits l (T, Vb) in ``acc``, and for a capped head t = tanh(scale z / cap) (else None).
+
+    For a capped head ``l`` and ``t`` share no storage (l = cap * t).
+    """
+    z = mm_acc(h, w.T, acc)
+    if b is not None:
+        z += b.to(acc)
+    if head.softcap is None:
+        if head.logit_scale != 1.0:
+            z.mul_(head.logit_scale)
+        return z, None
+    t = z.mul_(head.logit_scale / head.softcap).tanh_()
+    return t * head.softcap, t
+
+
+def _cap_derivative_(t: torch.Tensor, head: HeadOptions) -> torch.Tensor:
+    """dl/dz = scale * (1 - t^2) from t = tanh(scale z / cap), in place on t."""
+    return t.mul_(t).neg_().add_(1.0).mul_(head.logit_scale)
+
+
+def _target_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                   head: HeadOptions, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """l_y (T,) and dl/dz at the target (T,), in ``acc``: z_y = h . W[y] + b[y] in ``acc`` arithmetic."""
+    z = (h.to(acc) * weight[labels].to(acc)).sum(-1)
     if bias is not None:
-        z = z + bias[labels].to(h.dtype)
-    return z
+        z = z + bias[labels].to(acc)
+    if head.softcap is None:
+        return z * head.logit_scale, torch.full_like(z, head.logit_scale)
+    t = torch.tanh(z * (head.logit_scale / head.softcap))
+    return t * head.softcap, (1 - t * t) * head.logit_scale
+
+
+def _nan_where_nonfinite_(logp: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """NaN for a token whose hidden state has a non-finite entry (a softcap would otherwise turn an
+    infinite logit into a finite log-prob) and for an infinite log-prob (a +inf logit, or a label at
+    a logit of -inf): never a number a loss could turn finite. In place on logp (T,); h (T, H)."""
+    bad = ~torch.isfinite(logp) | ~torch.isfinite(h).all(-1)
+    return logp.masked_fill_(bad, float("nan"))
+
+
+def _spans(total: int, step: int):
+    for start in range(0, total, step):
+        yield start, min(total, start + step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward sweeps
+# ---------------------------------------------------------------------------------------------
 
 
 def chunked_forward(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    head: HeadOptions = HeadOptions(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and log-sum-exp, (M,) each, float32 (float64 for float64 inputs).
 
-    For each token chunk: lse = logsumexp over vocab blocks of h @ W_blk.T + b_blk (an online
-    log-sum-exp across blocks), logp = h . W[y] + b[y] - lse.
+    hidden (M, H), weight (V, H), bias (V,) or None, labels (M,) int64 in [0, V). Token chunks
+    outside, vocabulary blocks inside with an online log-sum-exp; logp = l_y - lse.
     """
     m = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
-    chunk, vocab_block = chunk_sizes(m, weight.shape[0], hidden.dtype)
+    chunk, block = tile_sizes(m, weight.shape[0], weight.shape[1], hidden.dtype)
     logp = torch.empty(m, dtype=acc, device=hidden.device)
     lse = torch.empty(m, dtype=acc, device=hidden.device)
-    for s in range(0, m, chunk):
-        h = hidden[s : s + chunk].to(acc)
-        run = torch.full((h.shape[0],), float("-inf"), dtype=acc, device=hidden.device)
-        for _, w, b in _vocab_blocks(weight, bias, vocab_block, acc):
-            logits = h @ w.T
-            if b is not None:
-                logits += b
-            run = torch.logaddexp(run, torch.logsumexp(logits, dim=-1))
-        lse[s : s + chunk] = run
-        logp[s : s + chunk] = _target_logits(h, weight, bias, labels[s : s + chunk]) - run
+    for s0, s1 in _spans(m, chunk):
+        h = hidden[s0:s1]
+        run = None
+        for v0, v1 in _spans(weight.shape[0], block):
+            logits, _ = _tile_logits(h, weight[v0:v1], None if bias is None else bias[v0:v1], head, acc)
+            part = torch.logsumexp(logits, dim=-1)
+            run = part if run is None else torch.logaddexp(run, part)
+        lse[s0:s1] = run
+        logp[s0:s1] = _nan_where_nonfinite_(_target_logits(h, weight, bias, labels[s0:s1], head, acc)[0] - run, h)
     return logp, lse
+
+
+def frozen_head_forward(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    head: HeadOptions = HeadOptions(),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs (M,) and the gradient direction D (M, H), both float32 (float64 for float64 inputs).
+
+    d logp_i / d h_i = c'_{i,y_i} W[y_i] - sum_v p_iv c'_iv W_v =: D_i, with p the softmax of the
+    transformed logits l and c' = dl/dz (``logit_scale``, or ``logit_scale * (1 - tanh^2)`` with a
+    cap). The sum is accumulated in the same sweep as the log-sum-exp: per vocabulary block, with
+    running max m, running sum s = sum exp(l - m) and running vector a = sum exp(l - m) c' W,
+    both rescaled by exp(m_old - m_new) when the max moves; at the end lse = m + log s and the mean
+    is a / s. The bias enters l (and so p) but not D.
+    """
+    m_tok, hid = hidden.shape
+    acc = _acc_dtype(hidden.dtype)
+    chunk, block = tile_sizes(m_tok, weight.shape[0], hid, hidden.dtype)
+    logp = torch.empty(m_tok, dtype=acc, device=hidden.device)
+    direction = torch.empty(m_tok, hid, dtype=acc, device=hidden.device)
+    for s0, s1 in _spans(m_tok, chunk):
+        h = hidden[s0:s1]
+        run_max = run_sum = mean = None
+        for v0, v1 in _spans(weight.shape[0], block):
+            w = weight[v0:v1]
+            logits, t = _tile_logits(h, w, None if bias is None else bias[v0:v1], head, acc)
+            new_max = logits.amax(-1) if run_max is None else torch.maximum(run_max, logits.amax(-1))
+            e = logits.sub_(new_max[:, None]).exp_()  # exp(l - m_new), in place
+            block_sum = e.sum(-1)
+            if t is not None:  # weight each probability by its own cap derivative
+                e.mul_(_cap_derivative_(t, head))
+            part = mm_acc(e.to(w.dtype), w, acc)
+            if run_max is None:
+                run_sum, mean = block_sum, part
+            else:
+                alpha = torch.exp(run_max - new_max)
+                run_sum = run_sum.mul_(alpha).add_(block_sum)
+                mean = mean.mul_(alpha[:, None]).add_(part)
+            run_max = new_max
+        mean.div_(run_sum[:, None])
+        if head.softcap is None and head.logit_scale != 1.0:
+            mean.mul_(head.logit_scale)
+        l_y, d_y = _target_logits(h, weight, bias, labels[s0:s1], head, acc)
+        logp[s0:s1] = _nan_where_nonfinite_(l_y - (run_max + torch.log(run_sum)), h)
+        torch.sub(weight[labels[s0:s1]].to(acc).mul_(d_y[:, None]), mean, out=direction[s0:s1])
+    return logp, direction
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward sweep of the recompute path
+# ---------------------------------------------------------------------------------------------
 
 
 def chunked_backward(
@@ -110,67 +264,156 @@ def chunked_backward(
     labels: torch.Tensor,
     lse: torch.Tensor,
     needs: tuple[bool, bool, bool],
+    head: HeadOptions = HeadOptions(),
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of sum(g * logp) w.r.t. (hidden, weight, bias), returned in the inputs' dtypes.
 
-    d logp_i / d z_ij = onehot(y_i)_j - softmax_ij, so with G = g * (onehot - softmax), recomputed
-    per chunk and vocab block from the saved lse:
-        grad_hidden = G @ W,   grad_weight = G.T @ H,   grad_bias = G.sum(0).
-    The one-hot part is added into the block's G in place (one element per token whose target falls
-    in the block), so no (tokens x vocab) one-hot and no scattered index_add over the weight.
+    d logp_i / d l_ij = onehot(y_i)_j - p_ij and dl/dz = c', so with G = g (onehot - p) c',
+    recomputed per tile from the saved lse: grad_hidden = G @ W, grad_weight = G.T @ H,
+    grad_bias = G.sum(0). Vocabulary blocks outside, token chunks inside: each block's weight
+    gradient is complete when its token loop ends, so low-precision weights need a float32
+    accumulator of one block only (never (V, H)); grad_hidden accumulates in a float32 (M, H) buffer
+    (the output itself for float32 inputs). G is rounded to the inputs' dtype for the low-precision
+    GEMMs, as eager autograd does.
     """
     need_h, need_w, need_b = needs
     m = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
-    chunk, vocab_block = chunk_sizes(m, weight.shape[0], hidden.dtype)
-    grad_h = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-    grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+    low = hidden.dtype != acc
+    chunk, block = tile_sizes(m, weight.shape[0], weight.shape[1], hidden.dtype, weight_grad_block=need_w and low)
+    grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+    grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
+    grad_b = torch.empty(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
     g_all = grad_logp.to(acc)
-    for s in range(0, m, chunk):
-        h = hidden[s : s + chunk].to(acc)
-        y = labels[s : s + chunk]
-        g = g_all[s : s + chunk]
-        gh = torch.zeros_like(h) if need_h else None
-        for v0, w, b in _vocab_blocks(weight, bias, vocab_block, acc):
-            logits = h @ w.T
-            if b is not None:
-                logits += b
-            # G = g * (onehot - softmax), in place on the logits buffer.
-            grad_z = logits.sub_(lse[s : s + chunk, None]).exp_().mul_(-g[:, None])
-            rows = ((y >= v0) & (y < v0 + w.shape[0])).nonzero().squeeze(-1)
-            grad_z[rows, y[rows] - v0] += g[rows]
-            if need_h:
-                gh.addmm_(grad_z, w)
-            if need_w:
-                grad_w[v0 : v0 + w.shape[0]].addmm_(grad_z.T, h)
+    for v0, v1 in _spans(weight.shape[0], block):
+        w = weight[v0:v1]
+        b = None if bias is None else bias[v0:v1]
+        gw = (torch.zeros(v1 - v0, weight.shape[1], dtype=acc, device=weight.device) if low else grad_w[v0:v1].zero_()) if need_w else None
+        gb = torch.zeros(v1 - v0, dtype=acc, device=weight.device) if need_b else None
+        for s0, s1 in _spans(m, chunk):
+            h = hidden[s0:s1]
+            y = labels[s0:s1]
+            g = g_all[s0:s1]
+            logits, t = _tile_logits(h, w, b, head, acc)
+            # G = g * (onehot - p) * c', in place on the logits buffer.
+            grad_l = logits.sub_(lse[s0:s1, None]).exp_().mul_(-g[:, None])
+            rows = ((y >= v0) & (y < v1)).nonzero().squeeze(-1)
+            grad_l[rows, y[rows] - v0] += g[rows]
+            if t is not None:
+                grad_l.mul_(_cap_derivative_(t, head))
+            elif head.logit_scale != 1.0:
+                grad_l.mul_(head.logit_scale)
             if need_b:
-                grad_b[v0 : v0 + w.shape[0]] += grad_z.sum(0)
-        if need_h:
-            grad_h[s : s + chunk] = gh
+                gb += grad_l.sum(0)
+            grad_lo = grad_l.to(hidden.dtype) if low else grad_l
+            if need_h:
+                if low:
+                    grad_h[s0:s1] += mm_acc(grad_lo, w, acc)
+                else:
+                    grad_h[s0:s1].addmm_(grad_lo, w)
+            if need_w:
+                if low:
+                    gw += mm_acc(grad_lo.T, h, acc)
+                else:
+                    gw.addmm_(grad_lo.T, h)
+        if need_w and low:
+            grad_w[v0:v1] = gw
+        if need_b:
+            grad_b[v0:v1] = gb
     return (
         None if grad_h is None else grad_h.to(hidden.dtype),
-        None if grad_w is None else grad_w.to(weight.dtype),
+        grad_w,
         None if grad_b is None else grad_b.to(bias.dtype),
     )
 
 
-class ChunkedLinearLogprobs(torch.autograd.Function):
-    """Autograd over the chunked torch path. Inputs are compacted: no ignored tokens."""
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+
+
+def _no_autocast(device: torch.device):
+    """Autocast off for this device type: the Functions compute in the inputs' dtype."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on a first-order gradient; differentiating through it raises a clear error.
+
+    ``anchors`` (tensors that require grad) connect the gradient to the graph under
+    ``create_graph=True``, so the error comes from here, not from autograd's "does not require grad".
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels):  # noqa: D102 - shapes in linear_logprobs
-        logp, lse = chunked_forward(hidden, weight, bias, labels)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+    def forward(ctx, grad, *anchors):  # noqa: D102
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_):  # noqa: D102
+        raise RuntimeError(
+            "linear_logprobs: double backward (a gradient of its gradient) is not supported; the "
+            "first-order gradients with create_graph=True are exact but cannot be differentiated again"
+        )
+
+
+def _guard_double_backward(grads: tuple, anchors: tuple) -> tuple:
+    """Under create_graph=True, route each gradient through :class:`_NoDoubleBackward`."""
+    if not torch.is_grad_enabled():
+        return grads
+    live = tuple(a for a in anchors if a is not None and a.requires_grad)
+    if not live:
+        return grads
+    return tuple(g if g is None else _NoDoubleBackward.apply(g, *live) for g in grads)
+
+
+def _nan_upstream(grad_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Upstream gradient with NaN on tokens whose log-prob is NaN: their gradients are NaN too."""
+    bad = torch.isnan(logp)
+    return grad_logp.masked_fill(bad, float("nan")) if bool(bad.any()) else grad_logp
+
+
+class ChunkedLinearLogprobs(torch.autograd.Function):
+    """Recompute path. Inputs are compacted: no ignored tokens. Options in a frozen HeadOptions."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, head):  # noqa: D102 - shapes in linear_logprobs
+        with _no_autocast(hidden.device):
+            logp, lse = chunked_forward(hidden, weight, bias, labels, head)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, logp)
         ctx.has_bias = bias is not None
-        return logp.float() if hidden.dtype != torch.float64 else logp
+        ctx.head = head
+        return logp
 
     @staticmethod
     def backward(ctx, grad_logp):  # noqa: D102
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        hidden, weight, bias, labels, lse, logp = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
-        gh, gw, gb = chunked_backward(grad_logp, hidden, weight, bias if ctx.has_bias else None, labels, lse, needs)
-        return gh, gw, gb, None
+        with _no_autocast(hidden.device), torch.no_grad():
+            grads = chunked_backward(_nan_upstream(grad_logp, logp), hidden, weight,
+                                     bias if ctx.has_bias else None, labels, lse, needs, ctx.head)
+        return (*_guard_double_backward(grads, (grad_logp, hidden, weight, bias)), None, None)
+
+
+class FrozenHeadLinearLogprobs(torch.autograd.Function):
+    """Frozen-head path: gradient w.r.t. hidden only; D (M, H) float32 saved by the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, head, anchor):  # noqa: D102
+        with _no_autocast(hidden.device):
+            logp, direction = frozen_head_forward(hidden, weight, bias, labels, head)
+        ctx.save_for_backward(direction, logp, anchor)
+        ctx.hidden_dtype = hidden.dtype
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):  # noqa: D102
+        direction, logp, anchor = ctx.saved_tensors
+        with torch.no_grad():
+            g = _nan_upstream(grad_logp, logp).to(direction.dtype)
+            grad_h = (direction * g[:, None]).to(ctx.hidden_dtype)
+        return (*_guard_double_backward((grad_h,), (grad_logp, anchor)), None, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,11 +450,36 @@ def _resolve_impl(impl: str, device: torch.device) -> str:
 
 
 def _empty_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A (0,) float32 result still connected to every input, so backward gives zero gradients."""
-    out = (hidden[:0].float() @ weight[:0].float().T).sum(-1)
-    if bias is not None:
-        out = out + bias[:0].float().sum()
+    """A (0,) result still connected to every input, so backward gives zero gradients."""
+    acc = _acc_dtype(hidden.dtype)
+    with _no_autocast(hidden.device):
+        out = (hidden[:0].to(acc) @ weight[:0].to(acc).T).sum(-1)
+        if bias is not None:
+            out = out + bias[:0].to(acc).sum()
     return out
+
+
+def torch_linear_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
+    head: HeadOptions = HeadOptions(),
+) -> torch.Tensor:
+    """The torch path on compacted inputs: hidden (M, H), labels (M,) int64 in [0, V), M >= 1.
+
+    Picks the Function: frozen head (hidden needs a gradient, weight and bias do not), recompute
+    path (weight or bias needs one), or the forward sweep alone (no gradient needed).
+    """
+    grad = torch.is_grad_enabled()
+    need_h = grad and hidden.requires_grad
+    need_wb = grad and any(t is not None and t.requires_grad for t in (weight, bias))
+    if need_wb:
+        return ChunkedLinearLogprobs.apply(hidden, weight, bias, labels, head)
+    if need_h:
+        # A 0-dim zero whose graph leads to hidden without keeping it alive (SliceBackward and
+        # SumBackward save sizes only): lets a double backward reach the clear error.
+        anchor = hidden[:0].sum()
+        return FrozenHeadLinearLogprobs.apply(hidden, weight, bias, labels, head, anchor)
+    with _no_autocast(hidden.device), torch.no_grad():
+        return chunked_forward(hidden, weight, bias, labels, head)[0]
 
 
 def linear_logprobs(
@@ -221,6 +489,8 @@ def linear_logprobs(
     *,
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     impl: str = "auto",
     deterministic: bool = False,
     grad_filter: bool = False,
@@ -232,7 +502,11 @@ def linear_logprobs(
         weight: (V, H) head weight, same dtype and device as ``hidden``.
         labels: (...) integer targets in [0, V), or ``ignore_index``.
         bias: optional (V,) head bias.
-        ignore_index: label value that marks tokens without a target (prompt, padding).
+        ignore_index: label value that marks tokens without a target (prompt, padding); an integer.
+        logit_scale: finite > 0; logits are multiplied by it (Cohere ``logit_scale``, Granite
+            ``1 / logits_scaling``).
+        softcap: None or finite > 0; logits become ``softcap * tanh(logit_scale * z / softcap)``
+            (Gemma 2 ``final_logit_softcapping``).
         impl: "auto" (Triton on CUDA, torch otherwise), "torch" or "triton".
         deterministic: Triton path only: bit-identical gradients from run to run.
         grad_filter: Triton path only: skip backward tiles whose softmax is below the dtype's
@@ -240,10 +514,14 @@ def linear_logprobs(
 
     Returns:
         float32 tensor with ``labels``' shape (float64 for float64 inputs on the torch path):
-        ``log_softmax(hidden @ weight.T + bias)[labels]``, exactly 0.0 where ``labels == ignore_index``.
-        Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+        ``log_softmax(l)[labels]``, exactly 0.0 where ``labels == ignore_index``, NaN where an input
+        of that token is non-finite. Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``
+        (first order; double backward raises). Autocast does not change it: the computation runs
+        in the inputs' dtype with float32 accumulation. With ``weight`` and ``bias`` frozen and
+        ``hidden`` requiring grad, the frozen-head path is used automatically.
     """
-    check_linear_inputs(hidden, weight, labels, bias, ignore_index)
+    ignore_index = check_linear_inputs(hidden, weight, labels, bias, ignore_index)
+    head = HeadOptions(*check_logit_transform(logit_scale, softcap))
     for name, flag in (("deterministic", deterministic), ("grad_filter", grad_filter)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
@@ -262,14 +540,11 @@ def linear_logprobs(
         picked = _empty_logprobs(h, weight, bias)
     elif path == "triton":
         picked = _triton_module().triton_linear_logprobs(
-            h, weight, y, bias, deterministic=deterministic, grad_filter=grad_filter
+            h, weight, y, bias, logit_scale=head.logit_scale, softcap=head.softcap,
+            deterministic=deterministic, grad_filter=grad_filter,
         )
-    elif torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias)
-    ):
-        picked = ChunkedLinearLogprobs.apply(h, weight, bias, y)
     else:
-        picked = chunked_forward(h, weight, bias, y)[0]
+        picked = torch_linear_logprobs(h, weight, y, bias, head)
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     picked = picked.to(out_dtype)
     if not compact:
