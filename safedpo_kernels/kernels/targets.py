@@ -39,8 +39,9 @@ class CompileTarget(NamedTuple):
     """One compiled specialization.
 
     Fields:
-        kernel: table name in ``config.KERNELS`` ("forward", "backward", "grad_hidden",
-            "grad_weight", "frozen").
+        kernel: table name in ``config.CONFIGS`` ("forward", "backward", "grad_hidden",
+            "grad_weight", "frozen", or "<kernel>+softcap": that kernel's entry for HAS_SOFTCAP=True
+            where the cap needs smaller tiles; the plain entry then serves HAS_SOFTCAP=False only).
         fn: the ``@triton.jit`` function.
         flags: every constexpr except the block sizes: HAS_BIAS, HAS_SOFTCAP, UPCAST,
             DOT_PRECISION and, per kernel, GROUPED (forward), COMPUTE_DH / COMPUTE_DW / COMPUTE_DB,
@@ -186,17 +187,22 @@ def compile_targets(
         for kernel, classes in CONFIGS[arch].items():
             if kernels is not None and kernel not in kernels:
                 continue
+            base = kernel.split("+")[0]  # "backward+softcap": the backward's table for HAS_SOFTCAP
+            if kernel.endswith("+softcap"):
+                softcaps: tuple[bool, ...] = (True,)
+            else:
+                softcaps = (False,) if f"{kernel}+softcap" in CONFIGS[arch] else (False, True)
             for dtype in dtypes:
                 cfgs = classes[dtype_class(_ELEMENT_SIZE[dtype])]
                 for ci, cfg in enumerate(cfgs[:1] if default_configs_only else cfgs):
                     precisions = [(p, False) for p in DTYPES[dtype][1]]
                     if dtype == "bf16":
                         precisions.append(("ieee", True))
-                    for (precision, upcast), (flags, dw_dtype) in itertools.product(precisions, _flag_sets(kernel, dtype)):
+                    for (precision, upcast), (flags, dw_dtype) in itertools.product(precisions, _flag_sets(base, dtype)):
                         bias_values = (flags["HAS_BIAS"],) if "HAS_BIAS" in flags else (False, True)
-                        for has_bias, softcap in itertools.product(bias_values, (False, True)):
+                        for has_bias, softcap in itertools.product(bias_values, softcaps):
                             full = {"HAS_BIAS": has_bias, "HAS_SOFTCAP": softcap, **flags,
                                     "UPCAST": upcast, "DOT_PRECISION": precision}  # fmt: skip
                             if upcast and dw_dtype != "fp32":
                                 continue  # the launcher never accumulates in bf16 under the interpreter
-                            yield CompileTarget(kernel, fns[kernel], full, cfg, arch, dtype, dw_dtype, ci == 0)
+                            yield CompileTarget(kernel, fns[base], full, cfg, arch, dtype, dw_dtype, ci == 0)
