@@ -89,7 +89,8 @@ class TritonFrozenHeadLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, options: LogprobOptions):  # noqa: D102
         lse, target, other, grad_rows = frozen_forward(
-            hidden, weight, labels, bias, logit_scale=options.logit_scale, softcap=options.softcap
+            hidden, weight, labels, bias, logit_scale=options.logit_scale, softcap=options.softcap,
+            pair=options.variant.frozen_pair,
         )
         ctx.save_for_backward(grad_rows)
         ctx.hidden_dtype = hidden.dtype

@@ -49,7 +49,7 @@ class BlockConfig:
 
 
 _C = BlockConfig
-KERNELS = ("forward", "backward", "grad_hidden", "grad_weight", "frozen")
+KERNELS = ("forward", "backward", "grad_hidden", "grad_weight", "frozen", "frozen_pair")
 ARCHS = ("sm90", "sm80")
 
 # Kernel names: "forward" (online LSE + target logit), "backward" (fused grad_hidden + grad_weight
@@ -81,6 +81,10 @@ CONFIGS: dict[str, dict[str, dict[str, list[BlockConfig]]]] = {
             "16bit": [_C(128, 128, 64, 8, 3)],
             "32bit": [_C(64, 64, 32, 8, 2)],
         },
+        "frozen_pair": {
+            "16bit": [_C(128, 64, 64, 8, 3)],
+            "32bit": [_C(64, 64, 32, 8, 2)],
+        },
     },
     "sm80": {
         "forward": {
@@ -101,6 +105,10 @@ CONFIGS: dict[str, dict[str, dict[str, list[BlockConfig]]]] = {
         },
         "frozen": {
             "16bit": [_C(128, 64, 64, 8, 3)],
+            "32bit": [_C(64, 64, 32, 8, 2)],
+        },
+        "frozen_pair": {
+            "16bit": [_C(64, 64, 64, 8, 3)],
             "32bit": [_C(64, 64, 32, 8, 2)],
         },
     },

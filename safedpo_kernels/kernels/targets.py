@@ -40,7 +40,7 @@ class CompileTarget(NamedTuple):
 
     Fields:
         kernel: table name in ``config.CONFIGS`` ("forward", "backward", "grad_hidden",
-            "grad_weight", "frozen", or "<kernel>+softcap": that kernel's entry for HAS_SOFTCAP=True
+            "grad_weight", "frozen", "frozen_pair" (the frozen kernel with PAIR), or "<kernel>+softcap": that kernel's entry for HAS_SOFTCAP=True
             where the cap needs smaller tiles; the plain entry then serves HAS_SOFTCAP=False only).
         fn: the ``@triton.jit`` function.
         flags: every constexpr except the block sizes: HAS_BIAS, HAS_SOFTCAP, UPCAST,
@@ -130,6 +130,7 @@ def _kernel_fns() -> dict:
         "grad_hidden": deterministic._grad_hidden_kernel,
         "grad_weight": deterministic._grad_weight_kernel,
         "frozen": frozen._frozen_forward_kernel,
+        "frozen_pair": frozen._frozen_forward_kernel,
     }
 
 
@@ -145,8 +146,8 @@ def _flag_sets(kernel: str, dtype: str) -> Iterator[tuple[dict, str]]:
     if kernel == "forward":
         for grouped in (False, True):
             yield {"GROUPED": grouped}, "fp32"
-    elif kernel == "frozen":
-        yield {}, "fp32"
+    elif kernel in ("frozen", "frozen_pair"):  # the "frozen_pair" table entry serves PAIR=True
+        yield {"PAIR": kernel == "frozen_pair"}, "fp32"
     elif kernel == "backward":
         for has_bias in (False, True):
             for dh, dw, db in _grads(has_bias):
