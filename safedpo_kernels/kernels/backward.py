@@ -303,6 +303,7 @@ def backward_logprobs(
         return pick_config(
             kernel, arch=arch, element_size=hidden.element_size(), sizes=(m, v, h),
             interpreting=INTERPRETING, softcap=softcap is not None, bench=lambda cfg: bench(fn, cfg),
+            pair=deterministic and variant.det_pair, lowp=dw_dtype != torch.float32,
         )  # fmt: skip
 
     if deterministic:
