@@ -98,7 +98,7 @@ CONFIGS: dict[str, dict[str, dict[str, list[BlockConfig]]]] = {
             "32bit": [_C(64, 64, 32, 8, 2)],
         },
         "frozen_pair": {
-            "16bit": [_C(64, 64, 64, 4, 3)],
+            "16bit": [_C(64, 64, 64, 8, 3)],
             "32bit": [_C(64, 64, 32, 8, 2)],
         },
     },
@@ -132,7 +132,7 @@ CONFIGS: dict[str, dict[str, dict[str, list[BlockConfig]]]] = {
             "32bit": [_C(64, 64, 32, 8, 2)],
         },
         "frozen_pair": {
-            "16bit": [_C(64, 64, 64, 4, 3)],
+            "16bit": [_C(64, 64, 64, 8, 3)],
             "32bit": [_C(64, 64, 32, 8, 2)],
         },
     },
