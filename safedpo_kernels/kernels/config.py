@@ -79,11 +79,11 @@ CONFIGS: dict[str, dict[str, dict[str, list[BlockConfig]]]] = {
         },
         "grad_hidden_pair": {
             "16bit": [_C(64, 64, 64, 8, 3)],
-            "32bit": [_C(64, 64, 32, 8, 2)],
+            "32bit": [_C(32, 64, 32, 8, 2)],
         },
         "grad_weight_pair": {
             "16bit": [_C(64, 64, 64, 8, 3)],
-            "32bit": [_C(64, 64, 32, 8, 2)],
+            "32bit": [_C(32, 64, 32, 8, 2)],
         },
         "grad_weight+softcap": {
             "16bit": [_C(64, 64, 32, 8, 3)],
@@ -99,7 +99,7 @@ CONFIGS: dict[str, dict[str, dict[str, list[BlockConfig]]]] = {
         },
         "frozen_pair": {
             "16bit": [_C(64, 64, 64, 8, 3)],
-            "32bit": [_C(64, 64, 32, 8, 2)],
+            "32bit": [_C(32, 64, 32, 8, 2)],
         },
     },
     "sm80": {
@@ -117,11 +117,11 @@ CONFIGS: dict[str, dict[str, dict[str, list[BlockConfig]]]] = {
         },
         "grad_hidden_pair": {
             "16bit": [_C(64, 64, 32, 8, 3)],
-            "32bit": [_C(64, 64, 32, 8, 2)],
+            "32bit": [_C(32, 64, 32, 8, 2)],
         },
         "grad_weight_pair": {
             "16bit": [_C(64, 64, 32, 8, 3)],
-            "32bit": [_C(64, 64, 32, 8, 2)],
+            "32bit": [_C(32, 64, 32, 8, 2)],
         },
         "grad_weight": {
             "16bit": [_C(64, 128, 32, 8, 3)],
@@ -133,7 +133,7 @@ CONFIGS: dict[str, dict[str, dict[str, list[BlockConfig]]]] = {
         },
         "frozen_pair": {
             "16bit": [_C(64, 64, 64, 8, 3)],
-            "32bit": [_C(64, 64, 32, 8, 2)],
+            "32bit": [_C(32, 64, 32, 8, 2)],
         },
     },
 }
