@@ -127,6 +127,10 @@ CONFIGS: dict[str, dict[str, dict[str, list[BlockConfig]]]] = {
             "16bit": [_C(64, 128, 32, 8, 3)],
             "32bit": [_C(64, 64, 32, 8, 2)],
         },
+        "grad_weight+softcap": {  # fp32 ieee with the cap and filtering spilled 8 B at 64x64x32
+            "16bit": [_C(64, 128, 32, 8, 3)],
+            "32bit": [_C(32, 64, 32, 8, 2)],
+        },
         "frozen": {
             "16bit": [_C(128, 64, 64, 8, 3)],
             "32bit": [_C(64, 64, 32, 8, 2)],
