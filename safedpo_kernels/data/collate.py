@@ -11,7 +11,7 @@ padded to one length T::
     ref_chosen_logps, ref_rejected_logps (B,) float32   only when the rows carry them
 
     hidden = model(input_ids, attention_mask=attention_mask).last_hidden_state
-    loss_fn(lm_head.weight, hidden[:, :-1], labels[:, 1:], chosen_unsafe, rejected_unsafe)
+    loss_fn(lm_head.weight, hidden[:, :-1], labels[:, 1:], chosen_unsafe=chosen_unsafe, rejected_unsafe=rejected_unsafe)
 
 Padding-free layout (``PackedPairCollator``): the 2B sequences concatenated (chosen first)::
 
@@ -23,7 +23,7 @@ Padding-free layout (``PackedPairCollator``): the 2B sequences concatenated (cho
     flags and refs as above
 
     hidden = model(input_ids, position_ids=position_ids, use_cache=False).last_hidden_state  # use_cache=False: else attention crosses sequences
-    loss_fn(lm_head.weight, hidden, shift_packed_labels(labels), flags..., cu_seqlens=cu_seqlens)
+    loss_fn(lm_head.weight, hidden, shift_packed_labels(labels), chosen_unsafe=..., rejected_unsafe=..., cu_seqlens=cu_seqlens)
 
 ``shift_packed_labels`` shifts left by one and appends ``ignore_index``, so hidden and target keep the
 length ``total`` that ``cu_seqlens`` describes.

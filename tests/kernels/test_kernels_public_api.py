@@ -66,7 +66,8 @@ def test_fused_safedpo_module_triton_equals_torch(seed):
     for impl in ("torch", "triton"):
         h, w = _leaves(hidden, weight)
         mod = FusedLinearSafeDPOLoss(beta=0.2, delta=4.0, impl=impl)
-        loss, metrics = mod(w, h, target, chosen_unsafe, rejected_unsafe, ref_input=ref_hidden)
+        loss, _, metrics = mod(w, h, target, ref_input=ref_hidden, chosen_unsafe=chosen_unsafe,
+                               rejected_unsafe=rejected_unsafe, return_metrics=True)
         grads = torch.autograd.grad(loss, (h, w))
         out[impl] = (loss, metrics, grads)
     (lt, mt, gt), (lr, mr, gr) = out["triton"], out["torch"]
