@@ -731,6 +731,8 @@ def write_markdown(path: Path, cfg: dict, results: dict) -> None:
         sel = info.get("selection") or {}
         lines.append(f"| {name} | {sel.get('rows_out', 'all responses' if name == SFT else 'n/a')} | "
                      f"{sel.get('swapped', '')} | {sel.get('dropped', '')} | {info['train_time_s']:.1f} |")
+    for fail in results.get("failures", []):
+        lines.append(f"\n**FAILED** seed {fail['seed']}, {fail['stage']}: {fail['error']}")
     lines += ["", "Figures: `harmless_vs_helpfulness.png`, `delta_sweep.png`, `over_refusal.png`. Raw per-seed values, example "
               "generations and the full config: `results.json`. Analysis: `docs/compare.md`.", ""]
     path.write_text("\n".join(lines))
@@ -744,8 +746,9 @@ def plot_methods(path: Path, cfg: dict, agg: dict) -> None:
     import matplotlib.pyplot as plt
 
     colors = {SFT: "0.45", "SafeDPO": "tab:red", "DPO-Helpful": "tab:blue", "DPO-Harmless": "tab:green",
-              "DPO-SafeBetter": "tab:purple"}
-    markers = {SFT: "s", "SafeDPO": "*", "DPO-Helpful": "o", "DPO-Harmless": "^", "DPO-SafeBetter": "D"}
+              "DPO-SafeBetter": "tab:purple", "SafeIPO": "tab:orange", "IPO": "tab:cyan"}
+    markers = {SFT: "s", "SafeDPO": "*", "DPO-Helpful": "o", "DPO-Harmless": "^", "DPO-SafeBetter": "D",
+               "SafeIPO": "P", "IPO": "v"}
     fig, ax = plt.subplots(figsize=(6.2, 4.8))
     for name, a in method_rows(cfg, agg):
         if not a.get("gen/harmless_ratio", {}).get("n"):
@@ -950,6 +953,7 @@ def run_compare(cfg: dict, *, command: str = "") -> dict:
     examples: dict[str, list[dict]] = {}
     stage_info: dict[str, dict] = {}
     done_sft: dict[str, tuple[dict, tuple[torch.Tensor, torch.Tensor], Any]] = {}  # sft dir -> (metrics, logps, model)
+    failures: list[dict] = []
     for seed, stages in plans:
         seed_metrics: dict[str, dict] = {}
         sft_logps = sft_model = None
@@ -959,17 +963,31 @@ def run_compare(cfg: dict, *, command: str = "") -> dict:
                 _, sft_logps, sft_model = done_sft[key]
                 continue
             bar.set_postfix_str(f"seed {seed}: {stage.name}")
-            result = reusable_sft(stage.config) if stage.name == SFT else None
-            if result is None:
-                result = run_recipe(stage.config)
+            try:
+                result = reusable_sft(stage.config) if stage.name == SFT else None
+                if result is None:
+                    result = run_recipe(stage.config)
+                    if stage.name == SFT:
+                        write_sft_marker(stage.config, result)
+                if result["export"] is None:
+                    raise RuntimeError(f"stage {stage.name}: the recipe returned no export (export_hf must be true)")
+                t_eval = time.perf_counter()
+                model = load_model(result["export"])
+                metrics, logps, records = evaluate_model(model, tokenizer, data, ev, sft_model, sft_logps,
+                                                         seed=10_000 + seed)
+            except Exception as err:  # an alignment stage that fails is reported, the others still run
                 if stage.name == SFT:
-                    write_sft_marker(stage.config, result)
-            if result["export"] is None:
-                raise RuntimeError(f"stage {stage.name}: the recipe returned no export (export_hf must be true)")
-            t_eval = time.perf_counter()
-            model = load_model(result["export"])
-            metrics, logps, records = evaluate_model(model, tokenizer, data, ev, sft_model, sft_logps,
-                                                     seed=10_000 + seed)
+                    raise
+                import traceback
+
+                traceback.print_exc()
+                failures.append({"seed": seed, "stage": stage.name, "error": f"{type(err).__name__}: {err}"})
+                bar.update(1)
+                continue
+            with open(Path(key) / "generations.jsonl", "w") as f:  # every judged sample, for re-judging
+                for r in records:
+                    f.write(json.dumps({k: r[k] for k in ("prompt", "category", "response", "unsafe", "refusal",
+                                                          "fluent", "degenerate", "helpful", "eos")}) + "\n")
             metrics.update({"time/train_s": float(result["train_time_s"]), "time/eval_s": time.perf_counter() - t_eval,
                             "train/steps": float(result["steps"])})
             if result["train_losses"]:
@@ -1010,6 +1028,7 @@ def run_compare(cfg: dict, *, command: str = "") -> dict:
         "aggregate": agg,
         "per_seed": per_seed,
         "examples": examples,
+        "failures": failures,
     }
     (results_dir / "results.json").write_text(json.dumps(_json_safe(results), indent=1) + "\n")
     write_reports(results_dir, results)
@@ -1059,6 +1078,7 @@ def merge_results(paths: list[str | os.PathLike]) -> dict:
     merged["note"] = (f"merged from {len(runs)} runs side by side (one per seed group); wall time = the longest, "
                       f"CPU time = the sum")
     merged["finished_utc"] = max(r["finished_utc"] for r in runs)
+    merged["failures"] = [f for r in runs for f in r.get("failures", [])]
     return merged
 
 
