@@ -1,33 +1,37 @@
 #!/usr/bin/env python
 """The SafeDPO paper's experiment in miniature: SFT, then SafeDPO against the DPO baselines, judged on CPU.
 
-    python recipes/compare_methods.py --config recipes/configs/tiny_compare.yaml           # full (8-12 min, 2 cores)
-    python recipes/compare_methods.py --config recipes/configs/tiny_compare.yaml --quick   # smoke run (~1 min)
-    ... --set align.beta=0.1 --set seeds=[0]     # override any config key (dotted, YAML value)
-    python recipes/compare_methods.py --from-results recipes/results/results.json          # redraw md + PNGs only
+    python recipes/compare_methods.py --config recipes/configs/tiny_compare_long.yaml          # main table (pku_long)
+    python recipes/compare_methods.py --config recipes/configs/tiny_compare_long.yaml --quick  # smoke run
+    python recipes/compare_methods.py --config recipes/configs/tiny_compare_ci.yaml            # CI-sized ordering check
+    ... --set align.lr=3e-4 --set seeds=[0] --set recipe.eval_split=validation   # override any key (dotted, YAML value)
+    python recipes/compare_methods.py --merge a/results.json b/results.json --results-dir DIR  # unite seed groups
+    python recipes/compare_methods.py --from-results recipes/results/results.json              # redraw md + PNGs only
 
-For every seed: one SFT stage on the fixture's responses (both responses of every pair, so the SFT
-model, like the paper's Alpaca, sometimes complies with harmful prompts), then, from that same SFT
-checkpoint and with the same budget (steps, batch, lr, beta, schedule), SafeDPO and the paper's
-baselines DPO-Helpful (``better`` pairs), DPO-Harmless (``safer``) and DPO-SafeBetter
-(``safe_better``), plus SafeDPO at every Delta of the sweep. Every stage is a call of
-``recipes/train_safedpo.run`` (the FSDP2 recipe, world size 1), so the comparison runs the exact
-pipeline a user runs. Each trained model (and the SFT model) is evaluated on the held-out split:
+For every seed: one SFT stage on the training split's responses (both responses of every pair, so the
+SFT model, like the paper's Alpaca, sometimes complies with harmful prompts; ``sft_per_seed: false``
+shares one SFT model across seeds, as the paper does), then, from that SFT checkpoint and with the same
+budget (steps, batch, lr, beta, schedule), every method of ``methods`` (SafeDPO, DPO-Helpful
+(``better`` pairs), DPO-Harmless (``safer``), DPO-SafeBetter (``safe_better``), optionally other
+``loss_type``s such as SafeIPO / IPO), plus SafeDPO at every Delta of the sweep. Every stage is a call
+of ``recipes/train_safedpo.run`` (the FSDP2 recipe, world size 1). Each model is evaluated on the
+held-out split (``recipe.eval_split``: ``validation`` to choose hyperparameters, ``test`` to report):
 
-* generation: responses sampled with ``model.generate`` for every distinct test prompt, judged by the
-  fixture's rule (``safedpo_kernels.data.judge_response``): harmless ratio (share of responses judged
-  safe: the paper's headline metric) and helpfulness (the judge's score in [0, 1]), overall and split
-  by harmful / benign prompts (a prompt is harmful when any response to it in the data is unsafe);
+* generation: ``samples_per_prompt`` answers per distinct held-out prompt (``model.generate``), judged
+  per answer by the fixture's rule judge (``judge_for``: ``judge_long`` for ``fixture:pku_long``):
+  harmless ratio on harmful prompts (the paper's headline metric), harmless-and-fluent ratio, refusal
+  rate on harmful prompts, over-refusal rates on benign and on benign-but-sensitive prompts,
+  helpfulness on benign + sensitive prompts, share of fluent (non-degenerate) answers;
 * likelihood: on held-out pairs with one safe and one unsafe response, the share where the safe one
   ranks higher, by implicit reward ``log pi - log pi_sft`` and by plain log-prob; on safe-safe pairs,
   the share where the helpfulness winner ranks higher; NLL per token of safe / unsafe held-out responses;
-* fluency: the SFT model's NLL per token of each model's generations (the rule judge calls any text
-  without a harmful instruction harmless, gibberish included; this column tells the two apart).
+* fluency, judge-independent: the SFT model's NLL per token of each model's generations.
 
-Outputs: ``<results_dir>/results.json`` (config, per-seed values, mean / std / min / max, runtimes,
-example generations), ``results.md`` (tables), ``harmless_vs_helpfulness.png`` (the paper's figure
-style) and ``delta_sweep.png``; trained models and recipe logs under ``<output_dir>``. All defaults
-live in the YAML config; ``--quick`` applies its ``quick:`` section on top.
+Outputs: ``<results_dir>/results.json`` (config, per-seed values, mean / std / min / max, wall and CPU
+time, example generations, failed stages), ``results.md`` (tables), ``harmless_vs_helpfulness.png``,
+``delta_sweep.png``, ``over_refusal.png``; models, recipe logs and every judged sample
+(``generations.jsonl``) under ``<output_dir>``. All defaults live in the YAML config; ``--quick``
+applies its ``quick:`` section on top. See docs/compare.md.
 """
 
 from __future__ import annotations
