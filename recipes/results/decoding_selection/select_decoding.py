@@ -1,3 +1,11 @@
+"""How the decoding of tiny_compare_long.yaml was chosen (run from the repo root, after the lr-selection run
+that trained the shared SFT model into recipes/outputs/lrsel_1e-4/seed0/sft):
+
+    python recipes/results/decoding_selection/select_decoding.py   # -> sft_validation.json
+
+Samples the SFT model on the VALIDATION prompts at each (temperature, top-p) of the grid and judges the
+samples with judge_long; the rule (docs/compare.md): the highest temperature at which >= 90 % are fluent.
+"""
 import json, sys, time
 sys.path.insert(0, ".")
 from pathlib import Path
