@@ -58,9 +58,9 @@ def test_padded_fixture_batch_matches_reference(rows, model, fixture_tokenizer, 
     h_ref = hidden[:, :-1].detach().requires_grad_(True)
     target = batch["labels"][:, 1:]
     weight = model.lm_head.weight
-    loss, metrics = FusedLinearSafeDPOLoss(beta=0.1, delta=10.0, impl="torch")(
-        weight, h_fast, target, batch["chosen_unsafe"], batch["rejected_unsafe"],
-        ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
+    loss, _, metrics = FusedLinearSafeDPOLoss(beta=0.1, delta=10.0, impl="torch")(
+        weight, h_fast, target, chosen_unsafe=batch["chosen_unsafe"], rejected_unsafe=batch["rejected_unsafe"],
+        ref_chosen_logps=ref_c, ref_rejected_logps=ref_r, return_metrics=True)
     ref_loss, ref_metrics = reference_fused_safedpo(
         weight, h_ref, target, batch["chosen_unsafe"], batch["rejected_unsafe"], ref_chosen_logps=ref_c,
         ref_rejected_logps=ref_r, beta=0.1, delta=10.0, ignore_index=-100, average_log_prob=False)
@@ -97,12 +97,12 @@ def test_packed_logps_equal_padded(rows, model, fixture_tokenizer):
     assert seq_pad.shape == seq_pack.shape == (2 * len(rows),)
     torch.testing.assert_close(seq_pack, seq_pad, rtol=1e-9, atol=1e-9)
     # and through the loss: same loss from both layouts
-    flags = (padded["chosen_unsafe"], padded["rejected_unsafe"])
+    flags = {"chosen_unsafe": padded["chosen_unsafe"], "rejected_unsafe": padded["rejected_unsafe"]}
     refs = {"ref_chosen_logps": torch.full((len(rows),), -50.0, dtype=torch.float64),
             "ref_rejected_logps": torch.full((len(rows),), -55.0, dtype=torch.float64)}
     loss_fn = FusedLinearSafeDPOLoss(impl="torch")
-    loss_pad, _ = loss_fn(weight, h_pad[:, :-1], padded["labels"][:, 1:], *flags, **refs)
-    loss_pack, _ = loss_fn(weight, h_pack, target, *flags, cu_seqlens=packed["cu_seqlens"], **refs)
+    loss_pad, _ = loss_fn(weight, h_pad[:, :-1], padded["labels"][:, 1:], **flags, **refs)
+    loss_pack, _ = loss_fn(weight, h_pack, target, **flags, cu_seqlens=packed["cu_seqlens"], **refs)
     torch.testing.assert_close(loss_pack, loss_pad, rtol=1e-9, atol=1e-9)
 
 
@@ -116,8 +116,9 @@ def test_selected_pairs_feed_the_loss(fixture_tokenizer, model):
     with torch.no_grad():
         hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         zeros = torch.zeros(len(tok), dtype=torch.float64)
-        _, metrics = FusedLinearSafeDPOLoss(impl="torch")(
-            model.lm_head.weight, hidden[:, :-1], batch["labels"][:, 1:], batch["chosen_unsafe"],
-            batch["rejected_unsafe"], ref_chosen_logps=zeros, ref_rejected_logps=zeros)
+        _, _, metrics = FusedLinearSafeDPOLoss(impl="torch")(
+            model.lm_head.weight, hidden[:, :-1], batch["labels"][:, 1:], chosen_unsafe=batch["chosen_unsafe"],
+            rejected_unsafe=batch["rejected_unsafe"], ref_chosen_logps=zeros, ref_rejected_logps=zeros,
+            return_metrics=True)
     assert metrics["pairs/dropped"].item() == 0 and metrics["pairs/swapped"].item() == 0
     assert report.rows_out == len(tok)
