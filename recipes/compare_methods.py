@@ -1,33 +1,37 @@
 #!/usr/bin/env python
 """The SafeDPO paper's experiment in miniature: SFT, then SafeDPO against the DPO baselines, judged on CPU.
 
-    python recipes/compare_methods.py --config recipes/configs/tiny_compare.yaml           # full (8-12 min, 2 cores)
-    python recipes/compare_methods.py --config recipes/configs/tiny_compare.yaml --quick   # smoke run (~1 min)
-    ... --set align.beta=0.1 --set seeds=[0]     # override any config key (dotted, YAML value)
-    python recipes/compare_methods.py --from-results recipes/results/results.json          # redraw md + PNGs only
+    python recipes/compare_methods.py --config recipes/configs/tiny_compare_long.yaml          # main table (pku_long)
+    python recipes/compare_methods.py --config recipes/configs/tiny_compare_long.yaml --quick  # smoke run
+    python recipes/compare_methods.py --config recipes/configs/tiny_compare_ci.yaml            # CI-sized ordering check
+    ... --set align.lr=3e-4 --set seeds=[0] --set recipe.eval_split=validation   # override any key (dotted, YAML value)
+    python recipes/compare_methods.py --merge a/results.json b/results.json --results-dir DIR  # unite seed groups
+    python recipes/compare_methods.py --from-results recipes/results/results.json              # redraw md + PNGs only
 
-For every seed: one SFT stage on the fixture's responses (both responses of every pair, so the SFT
-model, like the paper's Alpaca, sometimes complies with harmful prompts), then, from that same SFT
-checkpoint and with the same budget (steps, batch, lr, beta, schedule), SafeDPO and the paper's
-baselines DPO-Helpful (``better`` pairs), DPO-Harmless (``safer``) and DPO-SafeBetter
-(``safe_better``), plus SafeDPO at every Delta of the sweep. Every stage is a call of
-``recipes/train_safedpo.run`` (the FSDP2 recipe, world size 1), so the comparison runs the exact
-pipeline a user runs. Each trained model (and the SFT model) is evaluated on the held-out split:
+For every seed: one SFT stage on the training split's responses (both responses of every pair, so the
+SFT model, like the paper's Alpaca, sometimes complies with harmful prompts; ``sft_per_seed: false``
+shares one SFT model across seeds, as the paper does), then, from that SFT checkpoint and with the same
+budget (steps, batch, lr, beta, schedule), every method of ``methods`` (SafeDPO, DPO-Helpful
+(``better`` pairs), DPO-Harmless (``safer``), DPO-SafeBetter (``safe_better``), optionally other
+``loss_type``s such as SafeIPO / IPO), plus SafeDPO at every Delta of the sweep. Every stage is a call
+of ``recipes/train_safedpo.run`` (the FSDP2 recipe, world size 1). Each model is evaluated on the
+held-out split (``recipe.eval_split``: ``validation`` to choose hyperparameters, ``test`` to report):
 
-* generation: responses sampled with ``model.generate`` for every distinct test prompt, judged by the
-  fixture's rule (``safedpo_kernels.data.judge_response``): harmless ratio (share of responses judged
-  safe: the paper's headline metric) and helpfulness (the judge's score in [0, 1]), overall and split
-  by harmful / benign prompts (a prompt is harmful when any response to it in the data is unsafe);
+* generation: ``samples_per_prompt`` answers per distinct held-out prompt (``model.generate``), judged
+  per answer by the fixture's rule judge (``judge_for``: ``judge_long`` for ``fixture:pku_long``):
+  harmless ratio on harmful prompts (the paper's headline metric), harmless-and-fluent ratio, refusal
+  rate on harmful prompts, over-refusal rates on benign and on benign-but-sensitive prompts,
+  helpfulness on benign + sensitive prompts, share of fluent (non-degenerate) answers;
 * likelihood: on held-out pairs with one safe and one unsafe response, the share where the safe one
   ranks higher, by implicit reward ``log pi - log pi_sft`` and by plain log-prob; on safe-safe pairs,
   the share where the helpfulness winner ranks higher; NLL per token of safe / unsafe held-out responses;
-* fluency: the SFT model's NLL per token of each model's generations (the rule judge calls any text
-  without a harmful instruction harmless, gibberish included; this column tells the two apart).
+* fluency, judge-independent: the SFT model's NLL per token of each model's generations.
 
-Outputs: ``<results_dir>/results.json`` (config, per-seed values, mean / std / min / max, runtimes,
-example generations), ``results.md`` (tables), ``harmless_vs_helpfulness.png`` (the paper's figure
-style) and ``delta_sweep.png``; trained models and recipe logs under ``<output_dir>``. All defaults
-live in the YAML config; ``--quick`` applies its ``quick:`` section on top.
+Outputs: ``<results_dir>/results.json`` (config, per-seed values, mean / std / min / max, wall and CPU
+time, example generations, failed stages), ``results.md`` (tables), ``harmless_vs_helpfulness.png``,
+``delta_sweep.png``, ``over_refusal.png``; models, recipe logs and every judged sample
+(``generations.jsonl``) under ``<output_dir>``. All defaults live in the YAML config; ``--quick``
+applies its ``quick:`` section on top. See docs/compare.md.
 """
 
 from __future__ import annotations
@@ -731,6 +735,8 @@ def write_markdown(path: Path, cfg: dict, results: dict) -> None:
         sel = info.get("selection") or {}
         lines.append(f"| {name} | {sel.get('rows_out', 'all responses' if name == SFT else 'n/a')} | "
                      f"{sel.get('swapped', '')} | {sel.get('dropped', '')} | {info['train_time_s']:.1f} |")
+    for fail in results.get("failures", []):
+        lines.append(f"\n**FAILED** seed {fail['seed']}, {fail['stage']}: {fail['error']}")
     lines += ["", "Figures: `harmless_vs_helpfulness.png`, `delta_sweep.png`, `over_refusal.png`. Raw per-seed values, example "
               "generations and the full config: `results.json`. Analysis: `docs/compare.md`.", ""]
     path.write_text("\n".join(lines))
@@ -744,8 +750,9 @@ def plot_methods(path: Path, cfg: dict, agg: dict) -> None:
     import matplotlib.pyplot as plt
 
     colors = {SFT: "0.45", "SafeDPO": "tab:red", "DPO-Helpful": "tab:blue", "DPO-Harmless": "tab:green",
-              "DPO-SafeBetter": "tab:purple"}
-    markers = {SFT: "s", "SafeDPO": "*", "DPO-Helpful": "o", "DPO-Harmless": "^", "DPO-SafeBetter": "D"}
+              "DPO-SafeBetter": "tab:purple", "SafeIPO": "tab:orange", "IPO": "tab:cyan"}
+    markers = {SFT: "s", "SafeDPO": "*", "DPO-Helpful": "o", "DPO-Harmless": "^", "DPO-SafeBetter": "D",
+               "SafeIPO": "P", "IPO": "v"}
     fig, ax = plt.subplots(figsize=(6.2, 4.8))
     for name, a in method_rows(cfg, agg):
         if not a.get("gen/harmless_ratio", {}).get("n"):
@@ -950,6 +957,7 @@ def run_compare(cfg: dict, *, command: str = "") -> dict:
     examples: dict[str, list[dict]] = {}
     stage_info: dict[str, dict] = {}
     done_sft: dict[str, tuple[dict, tuple[torch.Tensor, torch.Tensor], Any]] = {}  # sft dir -> (metrics, logps, model)
+    failures: list[dict] = []
     for seed, stages in plans:
         seed_metrics: dict[str, dict] = {}
         sft_logps = sft_model = None
@@ -959,17 +967,31 @@ def run_compare(cfg: dict, *, command: str = "") -> dict:
                 _, sft_logps, sft_model = done_sft[key]
                 continue
             bar.set_postfix_str(f"seed {seed}: {stage.name}")
-            result = reusable_sft(stage.config) if stage.name == SFT else None
-            if result is None:
-                result = run_recipe(stage.config)
+            try:
+                result = reusable_sft(stage.config) if stage.name == SFT else None
+                if result is None:
+                    result = run_recipe(stage.config)
+                    if stage.name == SFT:
+                        write_sft_marker(stage.config, result)
+                if result["export"] is None:
+                    raise RuntimeError(f"stage {stage.name}: the recipe returned no export (export_hf must be true)")
+                t_eval = time.perf_counter()
+                model = load_model(result["export"])
+                metrics, logps, records = evaluate_model(model, tokenizer, data, ev, sft_model, sft_logps,
+                                                         seed=10_000 + seed)
+            except Exception as err:  # an alignment stage that fails is reported, the others still run
                 if stage.name == SFT:
-                    write_sft_marker(stage.config, result)
-            if result["export"] is None:
-                raise RuntimeError(f"stage {stage.name}: the recipe returned no export (export_hf must be true)")
-            t_eval = time.perf_counter()
-            model = load_model(result["export"])
-            metrics, logps, records = evaluate_model(model, tokenizer, data, ev, sft_model, sft_logps,
-                                                     seed=10_000 + seed)
+                    raise
+                import traceback
+
+                traceback.print_exc()
+                failures.append({"seed": seed, "stage": stage.name, "error": f"{type(err).__name__}: {err}"})
+                bar.update(1)
+                continue
+            with open(Path(key) / "generations.jsonl", "w") as f:  # every judged sample, for re-judging
+                for r in records:
+                    f.write(json.dumps({k: r[k] for k in ("prompt", "category", "response", "unsafe", "refusal",
+                                                          "fluent", "degenerate", "helpful", "eos")}) + "\n")
             metrics.update({"time/train_s": float(result["train_time_s"]), "time/eval_s": time.perf_counter() - t_eval,
                             "train/steps": float(result["steps"])})
             if result["train_losses"]:
@@ -1010,6 +1032,7 @@ def run_compare(cfg: dict, *, command: str = "") -> dict:
         "aggregate": agg,
         "per_seed": per_seed,
         "examples": examples,
+        "failures": failures,
     }
     (results_dir / "results.json").write_text(json.dumps(_json_safe(results), indent=1) + "\n")
     write_reports(results_dir, results)
@@ -1059,6 +1082,7 @@ def merge_results(paths: list[str | os.PathLike]) -> dict:
     merged["note"] = (f"merged from {len(runs)} runs side by side (one per seed group); wall time = the longest, "
                       f"CPU time = the sum")
     merged["finished_utc"] = max(r["finished_utc"] for r in runs)
+    merged["failures"] = [f for r in runs for f in r.get("failures", [])]
     return merged
 
 

@@ -433,6 +433,10 @@ REFUSAL_CLOSERS: tuple[str, ...] = (
     "If there is a real problem behind this, I am glad to help you find a safe and legal way to solve it.",
     "Please think about the people this would affect before you do anything.",
 )
+#: Leads of the safe alternatives in a redirecting refusal, and the connectives of step lists.
+REDIRECT_LEADS: tuple[str, ...] = ("You could", "Another option is to", "It also helps to", "Try to")
+STEP_CONNECTIVES: tuple[str, ...] = ("First,", "Next,", "After that,", "Then,", "Finally,", "Just", "Step 1:", "Step 2:",
+                                     "Step 3:", "Step 4:")
 REDIRECT_OPENERS: tuple[str, ...] = (
     "Instead, here is what you can do.",
     "Here are some better options.",
@@ -459,7 +463,7 @@ COMMON_WORDS: frozenset[str] = frozenset(
     "take keep put say said tell ask work works safe unsafe legal illegal harmful dangerous risk risky "
     "other another different same new old big small long short easy hard simple quick quickly slowly "
     "day days week weeks minute minutes hour hours year years home house room water food money friend "
-    "friends family help".split()
+    "friends family help 0 1 2 3 4 5 6 7 8 9 10".split()
 )
 
 

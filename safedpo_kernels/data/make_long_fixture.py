@@ -84,7 +84,7 @@ class _Writer:
 
     def redirect(self, topic: V.LongTopic, k: int) -> str:
         alts = self.rng.sample(list(V.ALTERNATIVES[topic.alternatives]), k)
-        leads = self.rng.sample(["You could", "Another option is to", "It also helps to", "Try to"], k)
+        leads = self.rng.sample(list(V.REDIRECT_LEADS), k)
         body = " ".join(f"{lead} {alt}." for lead, alt in zip(leads, alts))
         return (f"{self.rng.choice(V.REFUSALS).format(request=topic.request)} {self.rng.choice(V.REFUSAL_REASONS)} "
                 f"{self.rng.choice(V.REDIRECT_OPENERS)} {body}")
