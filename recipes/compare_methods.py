@@ -70,7 +70,8 @@ SFT = "SFT"
 
 _TOP_KEYS = {
     "seeds": "a non-empty list of distinct integers >= 0",
-    "sft_per_seed": "true (one SFT model per seed) or false (one SFT model, trained with the first seed, shared)",
+    "sft_per_seed": "true (one SFT model per seed) or false (one SFT model, trained with sft_seed, shared)",
+    "sft_seed": "null (the first seed) or an integer >= 0: the seed of the shared SFT model when sft_per_seed is false",
     "num_threads": "an integer >= 1 (torch intra-op threads) or null (torch's default)",
     "output_dir": "a folder for models and recipe logs",
     "results_dir": "a folder for results.json, results.md and the PNGs",
@@ -130,6 +131,8 @@ def validate_config(raw: dict) -> dict:
         raise bad("seeds", seeds)
     if not isinstance(cfg["sft_per_seed"], bool):
         raise bad("sft_per_seed", cfg["sft_per_seed"])
+    if cfg["sft_seed"] is not None and not _is_int(cfg["sft_seed"]):
+        raise bad("sft_seed", cfg["sft_seed"])
     if cfg["num_threads"] is not None and not _is_int(cfg["num_threads"], 1):
         raise bad("num_threads", cfg["num_threads"])
     for key in ("output_dir", "results_dir"):
@@ -179,7 +182,7 @@ def validate_config(raw: dict) -> dict:
     if not _is_num(ev["temperature"]) or not (_is_num(ev["top_p"]) and 0 < ev["top_p"] <= 1):
         raise ValueError(f"config key 'evaluation': temperature >= 0 (0 = greedy) and top_p in (0, 1], got {ev}")
     for stage in build_stage_configs(cfg, seed=cfg["seeds"][0], stage_root=Path("/nonexistent"),
-                                     sft_dir=Path("/nonexistent/sft")):
+                                     sft_dir=Path("/nonexistent/sft"), sft_seed=cfg["sft_seed"]):
         try:
             validate_recipe_config(stage.config)
         except ValueError as err:
@@ -232,14 +235,20 @@ def sweep_name(method: str, delta: float) -> str:
     return f"{method}@Delta={delta:g}"
 
 
-def build_stage_configs(cfg: dict, *, seed: int, stage_root: Path, sft_dir: Path) -> list[Stage]:
+def build_stage_configs(cfg: dict, *, seed: int, stage_root: Path, sft_dir: Path,
+                        sft_seed: int | None = None) -> list[Stage]:
     """The SFT stage (written to ``sft_dir``) and every alignment stage of one seed (under ``stage_root``).
 
     Alignment stages start from ``sft_dir/hf_export`` and share its reference log-prob cache. The sweep's
     Delta equal to the method's own Delta reuses the method's run (no extra stage).
     """
     common = deep_merge(cfg["recipe"], {"seed": seed})
+    if str(common.get("tokenizer", "")).startswith("fixture:"):  # the tokenizer committed with a fixture
+        from safedpo_kernels.data import fixture_tokenizer_path
+
+        common["tokenizer"] = str(fixture_tokenizer_path(common["tokenizer"].split(":", 1)[1]))
     sft = deep_merge(common, cfg["sft"])
+    sft["seed"] = seed if sft_seed is None else sft_seed
     sft["output_dir"] = str(sft_dir)
     stages = [Stage(SFT, SFT, sft)]
     align_common = deep_merge(common, cfg["align"])
@@ -262,6 +271,39 @@ def build_stage_configs(cfg: dict, *, seed: int, stage_root: Path, sft_dir: Path
         c["output_dir"] = str(stage_root / _slug(name))
         stages.append(Stage(name, sweep["method"], c, float(delta)))
     return stages
+
+
+SFT_MARKER = "compare_sft.json"
+# Keys that do not change the trained model (where it is written, what is evaluated or logged).
+_LOCATION_KEYS = ("output_dir", "reference_cache_dir", "eval_split", "eval_limit", "eval_batch_size", "eval_every",
+                  "eval_at_start", "log_every", "plot", "progress_bar")
+
+
+def _sft_identity(stage_cfg: dict) -> dict:
+    return json.loads(json.dumps({k: v for k, v in stage_cfg.items() if k not in _LOCATION_KEYS}))
+
+
+def write_sft_marker(stage_cfg: dict, result: dict) -> None:
+    """Records a finished SFT stage (its config and summary) next to its export, for :func:`reusable_sft`."""
+    summary = {"train_time_s": float(result["train_time_s"]), "steps": int(result["steps"]),
+               "train_losses": [float(x) for x in result["train_losses"][-1:]],
+               "final_eval": {k: float(v) for k, v in result["final_eval"].items()}}
+    marker = {"config": _sft_identity(stage_cfg), "result": summary}
+    (Path(stage_cfg["output_dir"]) / SFT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+
+
+def reusable_sft(stage_cfg: dict) -> dict | None:
+    """The recipe-style result of an SFT stage already trained with exactly this config (marker written by
+    :func:`write_sft_marker`, export present), else None. Lets several comparison runs (a learning-rate
+    grid, seeds run as parallel processes) share one SFT model instead of retraining it."""
+    out = Path(stage_cfg["output_dir"])
+    marker, export = out / SFT_MARKER, out / "hf_export"
+    if not (marker.is_file() and export.is_dir()):
+        return None
+    saved = json.loads(marker.read_text())
+    if saved.get("config") != _sft_identity(stage_cfg):
+        return None
+    return {**saved["result"], "export": str(export), "reused": True}
 
 
 def _recipe_value(stage_cfg: dict, key: str) -> Any:
@@ -291,12 +333,14 @@ class EvalData:
     prompts: list[str]
     prompt_ids: list[list[int]]
     harmful: list[bool]
+    categories: list[str]
     pairs: Any
     chosen_unsafe: torch.Tensor
     rejected_unsafe: torch.Tensor
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
     report: dict
+    source: str = ""
 
 
 def load_eval_data(recipe_cfg: dict, tokenizer) -> EvalData:
@@ -314,22 +358,58 @@ def load_eval_data(recipe_cfg: dict, tokenizer) -> EvalData:
             if cu or ru:
                 unsafe_prompts.add(p)
     prompts = sorted(set(test["prompt"]))
+    categories = [prompt_categories(source, p, p in unsafe_prompts) for p in prompts]
     tok, tok_report = tokenize_pairs(test, tokenizer, max_length=recipe_cfg["max_length"],
                                      ignore_index=IGNORE_INDEX)
-    report = {"test_pairs": len(test), "tokenized_pairs": len(tok), "prompts": len(prompts),
-              "harmful_prompts": sum(p in unsafe_prompts for p in prompts),
+    report = {"split": recipe_cfg["eval_split"], "test_pairs": len(test), "tokenized_pairs": len(tok),
+              "prompts": len(prompts), "harmful_prompts": categories.count("harmful"),
+              "benign_prompts": categories.count("benign"), "sensitive_prompts": categories.count("sensitive"),
+              "prompts_seen_in_train": len(set(prompts) & set(train["prompt"])),
               "load": _as_dict(test_report), "tokenize": _as_dict(tok_report)}
     return EvalData(
         prompts=prompts,
         prompt_ids=build_prompts(prompts, tokenizer),
-        harmful=[p in unsafe_prompts for p in prompts],
+        harmful=[c == "harmful" for c in categories],
+        categories=categories,
         pairs=tok,
         chosen_unsafe=torch.tensor(tok["chosen_unsafe"], dtype=torch.bool),
         rejected_unsafe=torch.tensor(tok["rejected_unsafe"], dtype=torch.bool),
         chosen_tokens=_response_tokens(tok["chosen_labels"]),
         rejected_tokens=_response_tokens(tok["rejected_labels"]),
         report=report,
+        source=source,
     )
+
+
+def prompt_categories(source: str, prompt: str, has_unsafe_response: bool) -> str:
+    """"harmful", "benign" or "sensitive": from the pku_long judge's topic table for that fixture, else
+    "harmful" when any response to the prompt in the data is unsafe and "benign" otherwise."""
+    if source == "fixture:pku_long":
+        from safedpo_kernels.data import prompt_category
+
+        category = prompt_category(prompt)
+        if category is not None:
+            return category
+    return "harmful" if has_unsafe_response else "benign"
+
+
+def judge_for(source: str):
+    """``judge(prompt, response) -> {unsafe, refusal, fluent, degenerate, helpful}`` for a dataset source:
+    the pku_long rule judge for ``fixture:pku_long``; for other data the pku_tiny judge with the
+    pattern-based refusal detector (fluency then is not judged: NaN, see gen/sft_nll)."""
+    if source == "fixture:pku_long":
+        from safedpo_kernels.data import judge_long
+
+        return judge_long
+    from safedpo_kernels.data import judge_response
+    from safedpo_kernels.data.rule_judge import is_refusal
+
+    def judge(prompt: str, response: str) -> dict:
+        verdict = judge_response(prompt, response)
+        return {"unsafe": verdict["unsafe"], "refusal": is_refusal(response), "fluent": None,
+                "degenerate": "", "helpful": verdict["helpful"]}
+
+    return judge
 
 
 def _response_tokens(labels: list[list[int]]) -> torch.Tensor:
@@ -430,19 +510,22 @@ def likelihood_metrics(policy: tuple[torch.Tensor, torch.Tensor], sft: tuple[tor
 
 
 @torch.no_grad()
-def generate_and_judge(model, tokenizer, data: EvalData, ev: dict, seed: int) -> tuple[dict[str, float], list[dict]]:
+def generate_and_judge(model, tokenizer, data: EvalData, ev: dict, seed: int, judge=None) -> tuple[dict[str, float], list[dict]]:
     """Samples ``samples_per_prompt`` responses per held-out prompt and judges each with the fixture's rule.
 
-    Returns (metrics, records): gen/harmless_ratio (share of responses judged safe, all prompts),
-    gen/harmless_ratio_harmful (harmful prompts only), gen/helpfulness (mean judge score, all prompts),
-    gen/helpfulness_benign and gen/helpfulness_harmful, gen/ended_with_eos (share of responses that
-    stopped with EOS before max_new_tokens), gen/new_tokens (mean length); records: one dict per
-    response (prompt, response, harmful_prompt, unsafe, helpful).
+    Returns (metrics, records). Metrics (shares in [0, 1], means over responses): gen/harmless_ratio
+    (not unsafe, all prompts), gen/harmless_ratio_harmful (harmful prompts: the paper's harmless ratio),
+    gen/safe_fluent_harmful (not unsafe AND fluent, harmful prompts), gen/refusal_harmful,
+    gen/over_refusal_benign and gen/over_refusal_sensitive (refusals of benign and of
+    benign-but-sensitive prompts), gen/helpfulness (judge score over benign + sensitive prompts: the
+    headline helpfulness), gen/helpfulness_{benign,sensitive,harmful}, gen/fluent (share of fluent
+    responses, all prompts; NaN when the judge does not rate fluency), gen/degenerate_<reason>,
+    gen/ended_with_eos, gen/new_tokens. Records: one dict per response (prompt, category, response,
+    and the judge's verdict). ``judge``: from :func:`judge_for` (default: the pku_tiny judge).
     """
     from transformers import GenerationConfig
 
-    from safedpo_kernels.data import judge_response
-
+    judge = judge or judge_for("")
     k = ev["samples_per_prompt"]
     greedy = ev["temperature"] == 0
     gen_cfg = GenerationConfig(
@@ -471,35 +554,61 @@ def generate_and_judge(model, tokenizer, data: EvalData, ev: dict, seed: int) ->
                 toks = toks[: toks.index(tokenizer.eos_token_id)]
             toks = [t for t in toks if t != tokenizer.pad_token_id]
             text = tokenizer.decode(toks, skip_special_tokens=True).strip()
-            verdict = judge_response(data.prompts[i], text)
+            verdict = judge(data.prompts[i], text)
             records.append({"prompt": data.prompts[i], "response": text, "harmful_prompt": data.harmful[i],
-                            "unsafe": verdict["unsafe"], "helpful": verdict["helpful"], "eos": ended,
+                            "category": data.categories[i], "unsafe": verdict["unsafe"],
+                            "refusal": verdict["refusal"], "fluent": verdict["fluent"],
+                            "degenerate": verdict["degenerate"], "helpful": verdict["helpful"], "eos": ended,
                             "new_tokens": len(toks), "prompt_ids": data.prompt_ids[i],
                             "response_ids": toks + ([tokenizer.eos_token_id] if ended else [])})
 
     def mean(values: list[float]) -> float:
         return sum(values) / len(values) if values else float("nan")
 
-    harmful = [r for r in records if r["harmful_prompt"]]
-    benign = [r for r in records if not r["harmful_prompt"]]
+    return judged_metrics(records), records
+
+
+def judged_metrics(records: list[dict]) -> dict[str, float]:
+    """The gen/* metrics of :func:`generate_and_judge` from judged response records (NaN where empty)."""
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values) if values else float("nan")
+
+    def share(rows: list[dict], test) -> float:
+        return mean([1.0 if test(r) else 0.0 for r in rows])
+
+    by = {c: [r for r in records if r["category"] == c] for c in ("harmful", "benign", "sensitive")}
+    answerable = by["benign"] + by["sensitive"]
+    rated = [r for r in records if r["fluent"] is not None]
     metrics = {
-        "gen/harmless_ratio": mean([0.0 if r["unsafe"] else 1.0 for r in records]),
-        "gen/harmless_ratio_harmful": mean([0.0 if r["unsafe"] else 1.0 for r in harmful]),
-        "gen/helpfulness": mean([r["helpful"] for r in records]),
-        "gen/helpfulness_benign": mean([r["helpful"] for r in benign]),
-        "gen/helpfulness_harmful": mean([r["helpful"] for r in harmful]),
-        "gen/ended_with_eos": mean([1.0 if r["eos"] else 0.0 for r in records]),
+        "gen/harmless_ratio": share(records, lambda r: not r["unsafe"]),
+        "gen/harmless_ratio_harmful": share(by["harmful"], lambda r: not r["unsafe"]),
+        "gen/safe_fluent_harmful": (share(by["harmful"], lambda r: not r["unsafe"] and r["fluent"])
+                                    if rated else float("nan")),
+        "gen/refusal_harmful": share(by["harmful"], lambda r: r["refusal"]),
+        "gen/over_refusal_benign": share(by["benign"], lambda r: r["refusal"]),
+        "gen/over_refusal_sensitive": share(by["sensitive"], lambda r: r["refusal"]),
+        "gen/helpfulness": mean([r["helpful"] for r in answerable]),
+        "gen/helpfulness_benign": mean([r["helpful"] for r in by["benign"]]),
+        "gen/helpfulness_sensitive": mean([r["helpful"] for r in by["sensitive"]]),
+        "gen/helpfulness_harmful": mean([r["helpful"] for r in by["harmful"]]),
+        "gen/fluent": share(rated, lambda r: r["fluent"]),
+        "gen/ended_with_eos": share(records, lambda r: r["eos"]),
         "gen/new_tokens": mean([float(r["new_tokens"]) for r in records]),
         "gen/responses": float(len(records)),
     }
-    return metrics, records
+    for reason in ("empty", "too_short", "unknown_words", "repetitive", "echo"):
+        metrics[f"gen/degenerate_{reason}"] = share(rated, lambda r, reason=reason: r["degenerate"] == reason)
+    return metrics
 
 
 def pick_examples(records: list[dict], n: int) -> list[dict]:
-    """Up to ``n`` responses to harmful prompts and ``n`` to benign ones (the first of each, deterministic)."""
-    harmful = [r for r in records if r["harmful_prompt"]][:n]
-    benign = [r for r in records if not r["harmful_prompt"]][:n]
-    return [{k: r[k] for k in ("prompt", "response", "unsafe", "helpful")} for r in harmful + benign]
+    """Up to ``n`` responses per prompt category (the first of each, deterministic)."""
+    out = []
+    for category in ("harmful", "benign", "sensitive"):
+        out += [r for r in records if r["category"] == category][:n]
+    return [{k: r[k] for k in ("prompt", "category", "response", "unsafe", "refusal", "fluent", "degenerate",
+                               "helpful")} for r in out]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,17 +637,20 @@ def aggregate(per_seed: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]
 
 
 _TABLE_COLUMNS = (
-    ("gen/harmless_ratio", "harmless ratio %", 100),
     ("gen/harmless_ratio_harmful", "harmless % (harmful prompts)", 100),
-    ("gen/helpfulness", "helpfulness", 1),
-    ("gen/helpfulness_benign", "helpfulness (benign prompts)", 1),
-    ("gen/helpfulness_harmful", "helpfulness (harmful prompts)", 1),
+    ("gen/safe_fluent_harmful", "harmless & fluent % (harmful)", 100),
+    ("gen/refusal_harmful", "refusal % (harmful)", 100),
+    ("gen/over_refusal_benign", "over-refusal % (benign)", 100),
+    ("gen/over_refusal_sensitive", "over-refusal % (sensitive)", 100),
+    ("gen/helpfulness", "helpfulness (benign + sensitive)", 1),
+    ("gen/helpfulness_benign", "helpfulness (benign)", 1),
+    ("gen/helpfulness_sensitive", "helpfulness (sensitive)", 1),
+    ("gen/fluent", "fluent %", 100),
+    ("gen/sft_nll", "SFT NLL/token of generations", 1),
     ("lik/safe_over_unsafe_reward", "safe > unsafe % (reward)", 100),
-    ("lik/safe_over_unsafe_logp", "safe > unsafe % (log-prob)", 100),
     ("lik/helpful_safe_pairs_reward", "helpful rank % safe-safe (reward)", 100),
     ("lik/nll_safe", "NLL/token safe responses", 1),
     ("lik/nll_unsafe", "NLL/token unsafe responses", 1),
-    ("gen/sft_nll", "SFT NLL/token of generations", 1),
 )
 
 
@@ -580,21 +692,26 @@ def write_markdown(path: Path, cfg: dict, results: dict) -> None:
     align = cfg["align"]
     sweep = cfg["delta_sweep"]
     lines = [
-        "# SafeDPO vs DPO baselines: the paper's experiment in miniature (CPU, synthetic pku_tiny fixture)",
+        f"# SafeDPO vs DPO baselines: the paper's experiment in miniature (CPU, `{cfg['recipe'].get('dataset')}`)",
         "",
         f"Command: `{results['command']}`  ",
         *([f"Note: {results['note']}  "] if results.get("note") else []),
         f"Measured {results['finished_utc']} on {results['machine']}; total wall time "
-        f"{results['runtime_s']['total'] / 60:.1f} min.",
+        f"{results['runtime_s']['total'] / 60:.1f} min"
+        + (f", CPU time {results['runtime_s']['cpu'] / 60:.1f} min (all threads of this process)"
+           if results['runtime_s'].get('cpu') else "") + ".",
         "",
         f"Seeds {seeds} (mean ± sample std over seeds; {'one SFT model per seed' if cfg['sft_per_seed'] else 'one shared SFT model'}). "
         f"Equal budget for every method: {align.get('max_steps')} steps x {align.get('micro_batch_size')} pairs, "
         f"lr {align.get('lr')}, beta {align.get('beta')}, warmup {align.get('warmup_steps')}, "
         f"cosine to {align.get('min_lr_ratio')} x lr, from the same SFT checkpoint. "
         f"Generation: {ev['samples_per_prompt']} samples per held-out prompt "
-        f"({results['eval_data']['prompts']} prompts, {results['eval_data']['harmful_prompts']} harmful), "
+        f"(split `{results['eval_data'].get('split', 'test')}`: {results['eval_data']['prompts']} prompts, "
+        f"{results['eval_data']['harmful_prompts']} harmful, {results['eval_data'].get('benign_prompts', 'n/a')} benign, "
+        f"{results['eval_data'].get('sensitive_prompts', 'n/a')} benign-but-sensitive; "
+        f"{results['eval_data'].get('prompts_seen_in_train', 'n/a')} of them also in the training split), "
         f"temperature {ev['temperature']}, top-p {ev['top_p']}, up to {ev['max_new_tokens']} new tokens, judged by "
-        "the fixture's rule (`judge_response`). Likelihood metrics on "
+        "the fixture's rule judge. Likelihood metrics on "
         f"{results['eval_data']['tokenized_pairs']} held-out pairs.",
         "",
         "## Methods (SafeDPO at its configured Delta)",
@@ -614,7 +731,7 @@ def write_markdown(path: Path, cfg: dict, results: dict) -> None:
         sel = info.get("selection") or {}
         lines.append(f"| {name} | {sel.get('rows_out', 'all responses' if name == SFT else 'n/a')} | "
                      f"{sel.get('swapped', '')} | {sel.get('dropped', '')} | {info['train_time_s']:.1f} |")
-    lines += ["", "Figures: `harmless_vs_helpfulness.png`, `delta_sweep.png`. Raw per-seed values, example "
+    lines += ["", "Figures: `harmless_vs_helpfulness.png`, `delta_sweep.png`, `over_refusal.png`. Raw per-seed values, example "
               "generations and the full config: `results.json`. Analysis: `docs/compare.md`.", ""]
     path.write_text("\n".join(lines))
 
@@ -633,25 +750,25 @@ def plot_methods(path: Path, cfg: dict, agg: dict) -> None:
     for name, a in method_rows(cfg, agg):
         if not a.get("gen/harmless_ratio", {}).get("n"):
             continue
-        x, y = a["gen/helpfulness"], a["gen/harmless_ratio"]
+        x, y = a["gen/helpfulness"], a["gen/harmless_ratio_harmful"]
         ax.errorbar(x["mean"], 100 * y["mean"], xerr=x["std"], yerr=100 * y["std"], fmt=markers.get(name, "o"),
                     color=colors.get(name), markersize=14 if name == "SafeDPO" else 9, capsize=3, label=name,
                     markeredgecolor="black", markeredgewidth=0.6)
     sweep = [(d, a) for d, _, a in sweep_rows(cfg, agg) if a.get("gen/harmless_ratio", {}).get("n")]
     if len(sweep) > 1:  # SafeDPO's Delta sweep as a thin curve through the same axes
         xs = [a["gen/helpfulness"]["mean"] for _, a in sweep]
-        ys = [100 * a["gen/harmless_ratio"]["mean"] for _, a in sweep]
+        ys = [100 * a["gen/harmless_ratio_harmful"]["mean"] for _, a in sweep]
         ax.plot(xs, ys, "-", color=colors["SafeDPO"], alpha=0.45, linewidth=1, zorder=1)
         ax.scatter(xs, ys, s=14, color=colors["SafeDPO"], alpha=0.6, zorder=2,
                    label=f"{cfg['delta_sweep']['method']}, Delta sweep")
         for (d, _), x, y in zip(sweep, xs, ys):
             ax.annotate(f"Δ={d:g}", (x, y), textcoords="offset points", xytext=(4, 5), fontsize=7,
                         color=colors["SafeDPO"])
-    ax.set_xlabel("helpfulness (rule judge score in [0, 1], mean over responses)")
-    ax.set_ylabel("harmless ratio (% of responses judged safe)")
+    ax.set_xlabel("helpfulness on benign + sensitive prompts (rule judge, [0, 1])")
+    ax.set_ylabel("harmless ratio on harmful prompts (%)")
     ax.set_title(f"Held-out generations, {len(cfg['seeds'])} seed(s): mean ± std", fontsize=11)
-    low = min([100 * (a["gen/harmless_ratio"]["mean"] - a["gen/harmless_ratio"]["std"])
-               for _, a in method_rows(cfg, agg) if a.get("gen/harmless_ratio", {}).get("n")] + [90.0])
+    low = min([100 * (a["gen/harmless_ratio_harmful"]["mean"] - a["gen/harmless_ratio_harmful"]["std"])
+               for _, a in method_rows(cfg, agg) if a.get("gen/harmless_ratio_harmful", {}).get("n")] + [90.0])
     ax.set_ylim(max(0.0, low - 5), 101.5)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best", framealpha=0.9)
@@ -668,8 +785,10 @@ def plot_sweep(path: Path, cfg: dict, agg: dict) -> None:
     import matplotlib.pyplot as plt
 
     rows = [(d, a) for d, _, a in sweep_rows(cfg, agg) if a]
-    panels = (("gen/harmless_ratio", "harmless ratio (%)", 100),
-              ("gen/helpfulness", "helpfulness (judge)", 1),
+    panels = (("gen/harmless_ratio_harmful", "harmless ratio,\nharmful prompts (%)", 100),
+              ("gen/helpfulness", "helpfulness,\nbenign + sensitive (judge)", 1),
+              ("gen/over_refusal_sensitive", "over-refusal,\nsensitive prompts (%)", 100),
+              ("gen/fluent", "fluent responses (%)", 100),
               ("lik/helpful_safe_pairs_reward", "helpful winner ranked first,\nsafe-safe pairs, by reward (%)", 100),
               ("lik/nll_safe", "NLL/token of safe\nheld-out responses", 1),
               ("gen/sft_nll", "SFT model's NLL/token of\nthe generations (fluency)", 1))
@@ -683,6 +802,36 @@ def plot_sweep(path: Path, cfg: dict, agg: dict) -> None:
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{cfg['delta_sweep']['method']}: Delta sweep ({len(cfg['seeds'])} seed(s), mean ± std)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_refusals(path: Path, cfg: dict, agg: dict) -> None:
+    """Grouped bars per method: refusal rate on harmful, benign and benign-but-sensitive prompts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(name, a) for name, a in method_rows(cfg, agg) if a.get("gen/refusal_harmful", {}).get("n")]
+    bars = (("gen/refusal_harmful", "harmful (refusal is right)", "tab:green"),
+            ("gen/over_refusal_sensitive", "benign-but-sensitive (over-refusal)", "tab:orange"),
+            ("gen/over_refusal_benign", "benign (over-refusal)", "tab:red"))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.0))
+    width = 0.8 / len(bars)
+    for b, (key, label, color) in enumerate(bars):
+        xs = [i + (b - 1) * width for i in range(len(rows))]
+        means = [100 * a.get(key, {}).get("mean", float("nan")) for _, a in rows]
+        stds = [100 * a.get(key, {}).get("std", 0.0) for _, a in rows]
+        ax.bar(xs, means, width, yerr=stds, capsize=2, label=label, color=color)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([name for name, _ in rows], rotation=20, fontsize=8)
+    ax.set_ylabel("responses judged refusals (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"Refusals by prompt category, {len(cfg['seeds'])} seed(s): mean ± std", fontsize=11)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -763,7 +912,7 @@ def evaluate_model(model, tokenizer, data: EvalData, ev: dict, sft_model, sft_lo
     logps = pair_logps(model, data.pairs, tokenizer.pad_token_id, ev["batch_size"])
     metrics = likelihood_metrics(logps, logps if sft_logps is None else sft_logps, data.chosen_unsafe,
                                  data.rejected_unsafe, (data.chosen_tokens, data.rejected_tokens))
-    gen_metrics, records = generate_and_judge(model, tokenizer, data, ev, seed=seed)
+    gen_metrics, records = generate_and_judge(model, tokenizer, data, ev, seed=seed, judge=judge_for(data.source))
     metrics.update(gen_metrics)
     judge_model = model if sft_model is None else sft_model
     metrics["gen/sft_nll"] = response_nll(judge_model, records, tokenizer.pad_token_id, ev["batch_size"])
@@ -776,7 +925,7 @@ def run_compare(cfg: dict, *, command: str = "") -> dict:
 
     if cfg["num_threads"] is not None:
         torch.set_num_threads(cfg["num_threads"])
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     machine = _machine()
     out_root, results_dir = Path(cfg["output_dir"]), Path(cfg["results_dir"])
     out_root.mkdir(parents=True, exist_ok=True)
@@ -784,9 +933,11 @@ def run_compare(cfg: dict, *, command: str = "") -> dict:
 
     ev, seeds = cfg["evaluation"], cfg["seeds"]
     plans = []
+    shared_seed = seeds[0] if cfg["sft_seed"] is None else cfg["sft_seed"]
     for seed in seeds:
-        sft_dir = out_root / (f"seed{seed}" if cfg["sft_per_seed"] else f"shared_seed{seeds[0]}") / "sft"
-        stages = build_stage_configs(cfg, seed=seed, stage_root=out_root / f"seed{seed}", sft_dir=sft_dir)
+        sft_dir = out_root / (f"seed{seed}" if cfg["sft_per_seed"] else f"shared_seed{shared_seed}") / "sft"
+        stages = build_stage_configs(cfg, seed=seed, stage_root=out_root / f"seed{seed}", sft_dir=sft_dir,
+                                     sft_seed=None if cfg["sft_per_seed"] else shared_seed)
         plans.append((seed, stages))
     data_cfg = validate_recipe_config(plans[0][1][0].config)  # the SFT stage, recipe defaults filled in
     tokenizer = load_tokenizer(data_cfg)
@@ -808,7 +959,11 @@ def run_compare(cfg: dict, *, command: str = "") -> dict:
                 _, sft_logps, sft_model = done_sft[key]
                 continue
             bar.set_postfix_str(f"seed {seed}: {stage.name}")
-            result = run_recipe(stage.config)
+            result = reusable_sft(stage.config) if stage.name == SFT else None
+            if result is None:
+                result = run_recipe(stage.config)
+                if stage.name == SFT:
+                    write_sft_marker(stage.config, result)
             if result["export"] is None:
                 raise RuntimeError(f"stage {stage.name}: the recipe returned no export (export_hf must be true)")
             t_eval = time.perf_counter()
@@ -848,7 +1003,7 @@ def run_compare(cfg: dict, *, command: str = "") -> dict:
         "command": command,
         "finished_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine,
-        "runtime_s": {"total": time.perf_counter() - t_start},
+        "runtime_s": {"total": time.perf_counter() - t_start, "cpu": time.process_time() - cpu_start},
         "config": cfg,
         "eval_data": data.report,
         "stages": stage_info,
@@ -867,6 +1022,44 @@ def write_reports(results_dir: Path, results: dict) -> None:
     write_markdown(results_dir / "results.md", cfg, results)
     plot_methods(results_dir / "harmless_vs_helpfulness.png", cfg, agg)
     plot_sweep(results_dir / "delta_sweep.png", cfg, agg)
+    plot_refusals(results_dir / "over_refusal.png", cfg, agg)
+
+
+def merge_results(paths: list[str | os.PathLike]) -> dict:
+    """One results dict from several ``results.json`` of the same config run on disjoint seeds (e.g. seeds
+    run as parallel processes): per-seed values united and re-aggregated; wall time = the longest run
+    (they ran side by side), CPU time = the sum. ValueError if configs differ beyond seeds and folders."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    if not runs:
+        raise ValueError("--merge: expected at least one results.json")
+
+    def key(cfg: dict) -> dict:
+        return {k: v for k, v in cfg.items() if k not in ("seeds", "output_dir", "results_dir")}
+
+    merged = copy.deepcopy(runs[0])
+    per_seed: dict[str, dict] = {}
+    for path, run in zip(paths, runs):
+        if key(run["config"]) != key(runs[0]["config"]):
+            raise ValueError(f"--merge: {path} was run with another config than {paths[0]}")
+        for seed, values in run["per_seed"].items():
+            if seed in per_seed:
+                raise ValueError(f"--merge: seed {seed} occurs in more than one results file")
+            per_seed[seed] = values
+    merged["per_seed"] = dict(sorted(per_seed.items(), key=lambda kv: int(kv[0])))
+    merged["config"]["seeds"] = [int(s) for s in merged["per_seed"]]
+    merged["aggregate"] = aggregate(merged["per_seed"])
+    for name, info in merged["stages"].items():
+        times = [r["stages"][name]["train_time_s"] for r in runs if name in r["stages"]]
+        info["train_time_s"] = statistics.fmean(times)
+    walls = [r["runtime_s"]["total"] for r in runs]
+    cpus = [r["runtime_s"].get("cpu") for r in runs]
+    merged["runtime_s"] = {"total": max(walls), "sum_of_runs": sum(walls),
+                           "cpu": sum(c for c in cpus if c is not None) if all(c is not None for c in cpus) else None}
+    merged["command"] = " ; ".join(r["command"] for r in runs)
+    merged["note"] = (f"merged from {len(runs)} runs side by side (one per seed group); wall time = the longest, "
+                      f"CPU time = the sum")
+    merged["finished_utc"] = max(r["finished_utc"] for r in runs)
+    return merged
 
 
 def _from_json(obj: Any) -> Any:
@@ -886,9 +1079,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, dotted for nested keys, value parsed as YAML "
                              "(e.g. --set align.beta=0.1 --set seeds=[0]); repeatable")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="no training: merge results.json files of disjoint seeds into --results-dir")
     parser.add_argument("--from-results", metavar="JSON",
                         help="no training: re-render results.md and the PNGs next to an existing results.json")
     args = parser.parse_args(argv)
+    if args.merge:
+        if not args.results_dir:
+            parser.error("--merge needs --results-dir")
+        results = merge_results(args.merge)
+        out = Path(args.results_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        results["config"]["results_dir"] = str(out)
+        (out / "results.json").write_text(json.dumps(_json_safe(results), indent=1) + "\n")
+        results["aggregate"] = _from_json(results["aggregate"])
+        write_reports(out, results)
+        print((out / "results.md").read_text())
+        return
     if args.from_results:
         path = Path(args.from_results)
         results = json.loads(path.read_text())

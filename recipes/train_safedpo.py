@@ -24,12 +24,12 @@ import json
 import math
 import os
 import random
-import re
 import resource
 import shutil
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,158 +40,20 @@ from torch import nn
 
 
 _ROOT = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("safedpo_kernels") is None:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(_ROOT))
+if importlib.util.find_spec("safedpo_kernels") is None or importlib.util.find_spec("recipes") is None:
+    sys.path.insert(0, str(_ROOT))  # run as a script from a checkout: the package and recipes/ importable
 
-from safedpo_kernels import FusedLinearDPOLoss, FusedLinearSafeDPOLoss, linear_logprobs, sequence_logps
+from safedpo_kernels import (FusedLinearDPOLoss, FusedLinearSafeDPOLoss, count_kept_pairs, linear_logprobs,
+                             packed_sequence_logps, safety_transform, sequence_logps)
+
+from recipes.checkpoint import OutputDirLock, checkpoint_problem, newest_verified, prune_in_background, step_folders
+from recipes.lora import adapters_disabled, init_adapters, inject_lora, merged_state_dict
+from recipes.loading import empty_shell, load_own_shards, restore_buffers, snapshot_buffers, weights_folder
+from recipes.config import CONFIG_SCHEMA, check_max_length, hf_config_from_dict, load_config, parse_overrides, validate_config
+
+__all__ = ["CONFIG_SCHEMA", "Recipe", "load_config", "parse_overrides", "run", "validate_config"]
 
 IGNORE_INDEX = -100
-OBJECTIVES = ("safedpo", "dpo", "sft")
-SELECTIONS = ("auto", "safedpo", "better", "safer", "safe_better")
-
-# ---------------------------------------------------------------------------------------------
-# Config: every key, its default and its check. YAML files override; unknown keys are errors.
-# ---------------------------------------------------------------------------------------------
-
-
-def _is_int(v, lo=None):
-    return isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo)
-
-
-def _is_num(v, lo=None, hi=None):
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    return ok and (lo is None or v >= lo) and (hi is None or v <= hi)
-
-
-def _choice(*options):
-    return (lambda v: v in options), f"one of {list(options)}"
-
-
-def _opt(check, what):
-    return (lambda v: v is None or check(v)), f"null or {what}"
-
-
-_STR = (lambda v: isinstance(v, str) and v != "", "a non-empty string")
-_BETAS = (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_num(b, 0, 0.999999) for b in v),
-          "a list of two numbers in [0, 1)")
-_BOOL = (lambda v: isinstance(v, bool), "true or false")
-
-
-def _int(lo):
-    return (lambda v: _is_int(v, lo)), f"an integer >= {lo}"
-
-
-def _num(lo=None, hi=None, what="a finite number"):
-    return (lambda v: _is_num(v, lo, hi)), what
-
-
-CONFIG_SCHEMA: dict[str, tuple[Any, tuple[Callable[[Any], bool], str]]] = {
-    # --- model ---
-    "model_name_or_path": (None, _opt(*_STR)),  # hub id or local folder (from_pretrained)
-    "model_config": (None, _opt(lambda v: isinstance(v, dict) and "model_type" in v, "a mapping with model_type")),
-    "model_revision": (None, _opt(*_STR)),
-    "trust_remote_code": (False, _BOOL),
-    "tokenizer": ("model", _STR),  # "model" (same as model_name_or_path) | "fixture" | hub id / path
-    "attn_implementation": ("auto", _choice("auto", "sdpa", "eager", "flash_attention_2")),
-    "liger_kernels": (False, _BOOL),  # Liger's RMSNorm / RoPE / SwiGLU patches; head + loss stay ours
-    "activation_checkpointing": (True, _BOOL),
-    "mixed_precision": ("auto", _choice("auto", "bf16", "fp32")),  # auto: bf16 compute on GPU, fp32 on CPU
-    "device": ("auto", _choice("auto", "cpu", "cuda")),
-    "backend": ("auto", _choice("auto", "gloo", "nccl")),
-    # --- data ---
-    "dataset": ("fixture:pku_tiny", _STR),
-    "dataset_config": (None, _opt(*_STR)),
-    "train_split": ("train", _STR),
-    "eval_split": ("test", _opt(*_STR)),
-    "train_limit": (None, _opt(*_int(1))),
-    "eval_limit": (None, _opt(*_int(1))),
-    "selection": ("auto", _choice(*SELECTIONS)),  # auto: safedpo -> "safedpo", dpo / sft -> "better"
-    "max_length": (512, _int(8)),
-    "sft_responses": ("chosen", _choice("chosen", "both")),
-    # --- objective ---
-    "objective": ("safedpo", _choice(*OBJECTIVES)),
-    "beta": (0.1, _num(1e-12, what="a number > 0")),
-    "delta": (10.0, _num(0.0, what="a number >= 0")),
-    "average_log_prob": (False, _BOOL),
-    "loss_impl": ("auto", _choice("auto", "torch", "triton")),
-    "reference_mode": ("precompute", _choice("precompute", "live")),
-    "reference_cache_dir": (None, _opt(*_STR)),  # default: <output_dir>/reference_cache
-    # --- optimization ---
-    "seed": (0, _int(0)),
-    "epochs": (1, _int(1)),
-    "max_steps": (None, _opt(*_int(1))),  # caps the optimizer steps (else epochs x steps per epoch)
-    "micro_batch_size": (1, _int(1)),  # pairs (sft: sequences) per rank per micro-batch
-    "grad_accum_steps": (1, _int(1)),
-    "lr": (5e-7, _num(0.0, what="a number >= 0")),
-    "weight_decay": (0.0, _num(0.0, what="a number >= 0")),
-    "adam_betas": ([0.9, 0.999], _BETAS),
-    "adam_eps": (1e-8, _num(1e-30, what="a number > 0")),
-    "warmup_steps": (0, _int(0)),
-    "min_lr_ratio": (0.0, _num(0.0, 1.0, "a number in [0, 1]")),
-    "max_grad_norm": (1.0, _opt(*_num(1e-12, what="a number > 0"))),
-    # --- observability, evaluation, checkpoints ---
-    "output_dir": ("outputs/safedpo", _STR),
-    "log_every": (1, _int(1)),
-    "eval_every": (0, _int(0)),  # 0: evaluate only at the end
-    "eval_at_start": (True, _BOOL),
-    "eval_batch_size": (4, _int(1)),
-    "save_every": (0, _int(0)),  # 0: checkpoint only at the end
-    "keep_checkpoints": (2, _int(1)),
-    "resume": (False, _BOOL),  # continue from the newest complete checkpoint under output_dir
-    "export_hf": (True, _BOOL),
-    "export_dtype": ("float32", _choice("float32", "bfloat16")),
-    "plot": (True, _BOOL),
-    "progress_bar": (True, _BOOL),
-    "debug_dump_grads": (None, _opt(*_STR)),  # save full gradients after the first backward (tests)
-}
-
-
-_FLOAT_KEYS = ("beta", "delta", "lr", "weight_decay", "adam_eps", "min_lr_ratio", "max_grad_norm")
-
-
-def validate_config(raw: dict) -> dict:
-    """Defaults from CONFIG_SCHEMA, overridden by ``raw``; ValueError naming the offending key."""
-    if not isinstance(raw, dict):
-        raise TypeError(f"config: expected a mapping of keys to values, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(CONFIG_SCHEMA))
-    if unknown:
-        raise ValueError(f"config key {unknown[0]!r}: unknown key (known keys: {', '.join(CONFIG_SCHEMA)})")
-    cfg = {k: raw.get(k, default) for k, (default, _) in CONFIG_SCHEMA.items()}
-    for key in _FLOAT_KEYS:  # YAML 1.1 reads `1e-6` (no dot) as a string
-        if isinstance(cfg[key], str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", cfg[key].strip()):
-            cfg[key] = float(cfg[key])
-    for key, (_, (check, expected)) in CONFIG_SCHEMA.items():
-        if not check(cfg[key]):
-            raise ValueError(f"config key {key!r}: expected {expected}, got {cfg[key]!r}")
-    if (cfg["model_name_or_path"] is None) == (cfg["model_config"] is None):
-        raise ValueError("config key 'model_name_or_path': set exactly one of model_name_or_path and model_config")
-    if cfg["tokenizer"] == "model" and cfg["model_name_or_path"] is None:
-        raise ValueError("config key 'tokenizer': 'model' needs model_name_or_path; use 'fixture' or a path/hub id")
-    if cfg["objective"] == "sft" and cfg["reference_mode"] == "live":
-        raise ValueError("config key 'reference_mode': 'live' has no meaning for objective 'sft' (no reference)")
-    if cfg["device"] == "cuda" and not torch.cuda.is_available():
-        raise ValueError("config key 'device': 'cuda' requested but torch.cuda.is_available() is False")
-    if cfg["selection"] == "auto":
-        cfg["selection"] = "safedpo" if cfg["objective"] == "safedpo" else "better"
-    return cfg
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``key=value`` strings -> dict, values parsed as YAML scalars (``lr=1e-6``, ``resume=true``)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r}: expected key=value")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    raw.update(parse_overrides(overrides or []))
-    return validate_config(raw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,46 +62,101 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 
 class PolicyWithLoss(nn.Module):
-    """Root FSDP unit. ``forward`` runs ``lm.<base>(...)`` and our loss on ``lm_head.weight``.
+    """Root FSDP unit. ``forward`` runs ``lm.<base>(...)`` and our loss on the output head.
 
-    Inputs (from the pair collator): input_ids / attention_mask / labels (2B, T), B chosen rows then
-    B rejected rows, HF-style labels (IGNORE_INDEX on prompt and padding); chosen_unsafe /
-    rejected_unsafe (B,) bool; ref_chosen_logps / ref_rejected_logps (B,) float32 or None.
-    ``what="loss"``: (loss, metrics) of the objective (SFT: the summed token NLL, and its token count in
-    the metrics). ``what="logps"``: (2B,) float32 sequence log-probs, no loss.
+    The head (weight, bias, logit_scale, softcap: Gemma 2's soft cap, Cohere's and Granite's scales)
+    is read only through :func:`safedpo_kernels.integrations.output_head`, inside this forward where
+    FSDP2 has gathered it. Inputs (from the pair collator): input_ids / attention_mask / labels (2B, T),
+    B chosen rows then B rejected rows, HF-style labels (IGNORE_INDEX on prompt and padding);
+    chosen_unsafe / rejected_unsafe (B,) bool; ref_chosen_logps / ref_rejected_logps (B,) float32 or
+    None; num_units / num_nll_tokens: the step-wide normalizers (kept pairs, pairs or target tokens of
+    every micro-batch on every rank; NLL winner tokens).
+    ``what="loss"``: (loss, metrics) of the objective (SFT: the token NLL over num_units).
+    ``what="logps"``: (2B,) float32 sequence log-probs, no loss. ``what="ref_logps"``: the same with the
+    LoRA adapters disabled (the reference of a LoRA run: the base model; no second copy in memory).
+    With ``live_reference`` (LoRA, reference_mode live) the loss computes its reference this way.
     """
 
-    def __init__(self, lm: nn.Module, cfg: dict):
+    def __init__(self, lm: nn.Module, cfg: dict, *, live_reference: bool = False):
         super().__init__()
+        from safedpo_kernels.integrations import output_head
+
         self.lm = lm
         self.objective = cfg["objective"]
-        self.average_log_prob = cfg["average_log_prob"]
         self.impl = cfg["loss_impl"]
+        self.live_reference = live_reference
+        self.use_ref = not cfg["reference_free"]
+        head = output_head(lm)  # logit transform of the model class (the weight itself is read per forward)
+        self.logit_scale, self.softcap = head.logit_scale, head.softcap
+        common = dict(ignore_index=IGNORE_INDEX, beta=cfg["beta"], alpha=cfg["rpo_alpha"] or 0.0,
+                      compute_nll_loss=cfg["rpo_alpha"] is not None, use_ref_model=self.use_ref,
+                      average_log_prob=cfg["average_log_prob"], loss_type=cfg["loss_type"],
+                      label_smoothing=cfg["label_smoothing"], impl=self.impl, logit_scale=self.logit_scale,
+                      softcap=self.softcap)
+        self.loss_fn = None
         if self.objective == "safedpo":
-            self.loss_fn = FusedLinearSafeDPOLoss(cfg["beta"], cfg["delta"], IGNORE_INDEX, self.average_log_prob,
-                                                  self.impl)
+            self.loss_fn = FusedLinearSafeDPOLoss(**common, delta=cfg["delta"])
         elif self.objective == "dpo":
-            self.loss_fn = FusedLinearDPOLoss(cfg["beta"], IGNORE_INDEX, self.average_log_prob, self.impl)
+            self.loss_fn = FusedLinearDPOLoss(**common)
+        # Sequence log-probs for the reference, evaluation and SFT: averaged where the loss averages.
+        self.average = self.loss_fn.averages_log_probs if self.loss_fn is not None else cfg["average_log_prob"]
 
-    def forward(self, input_ids, attention_mask, labels, chosen_unsafe=None, rejected_unsafe=None,
-                ref_chosen_logps=None, ref_rejected_logps=None, what: str = "loss"):
+    def _hidden_and_head(self, input_ids, attention_mask, labels, position_ids=None):
+        """Last hidden states, shifted targets (hidden[:, t] predicts labels[:, t + 1]) and the head.
+
+        Padded rows (2B, T) -> (2B, T - 1). Packed (``position_ids`` given, one row (1, total), no
+        attention mask): transformers builds the per-sequence causal mask from the position ids (SDPA /
+        eager / flex) or runs flash-attention varlen; targets are shifted within each sequence."""
+        from safedpo_kernels.data import shift_packed_labels
+        from safedpo_kernels.integrations import output_head
+
         base = getattr(self.lm, self.lm.base_model_prefix)
+        if position_ids is not None:
+            hidden = base(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            return hidden, shift_packed_labels(labels, IGNORE_INDEX), output_head(self.lm)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        hidden, target = hidden[:, :-1], labels[:, 1:]  # hidden[:, t] predicts labels[:, t + 1]
-        head = self.lm.get_output_embeddings()
-        weight, bias = head.weight, getattr(head, "bias", None)
+        return hidden[:, :-1], labels[:, 1:], output_head(self.lm)
+
+    def _token_logps(self, hidden, target, head):
+        return linear_logprobs(hidden, head.weight, target, bias=head.bias, ignore_index=IGNORE_INDEX,
+                               impl=self.impl, logit_scale=head.logit_scale, softcap=head.softcap)
+
+    def _sequence_logps(self, input_ids, attention_mask, labels, position_ids=None, cu_seqlens=None):
+        hidden, target, head = self._hidden_and_head(input_ids, attention_mask, labels, position_ids)
+        tok = self._token_logps(hidden, target, head)
+        if cu_seqlens is not None:
+            return packed_sequence_logps(tok.reshape(-1), target.reshape(-1), cu_seqlens,
+                                         ignore_index=IGNORE_INDEX, average=self.average)
+        return sequence_logps(tok, target, ignore_index=IGNORE_INDEX, average=self.average)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, chosen_unsafe=None, rejected_unsafe=None,
+                ref_chosen_logps=None, ref_rejected_logps=None, position_ids=None, cu_seqlens=None,
+                num_units=None, num_nll_tokens=None, what: str = "loss"):
+        rows = (input_ids, attention_mask, labels, position_ids, cu_seqlens)
+        if what == "ref_logps":
+            with torch.no_grad(), adapters_disabled(self.lm):
+                return self._sequence_logps(*rows)
         if what == "logps":
-            tok = linear_logprobs(hidden, weight, target, bias=bias, ignore_index=IGNORE_INDEX, impl=self.impl)
-            return sequence_logps(tok, target, ignore_index=IGNORE_INDEX, average=self.average_log_prob)
+            return self._sequence_logps(*rows)
+        if self.live_reference and self.use_ref and self.objective != "sft":
+            with torch.no_grad(), adapters_disabled(self.lm):
+                ref = self._sequence_logps(*rows)
+            b = ref.shape[0] // 2
+            ref_chosen_logps, ref_rejected_logps = ref[:b], ref[b:]
+        hidden, target, head = self._hidden_and_head(input_ids, attention_mask, labels, position_ids)
         if self.objective == "sft":
-            tok = linear_logprobs(hidden, weight, target, bias=bias, ignore_index=IGNORE_INDEX, impl=self.impl)
+            tok = self._token_logps(hidden, target, head)
             n = (target != IGNORE_INDEX).sum()
-            nll = -tok.sum()
-            return nll, {"loss": nll.detach() / n.clamp(min=1), "tokens/target": n.float()}
-        refs = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
+            nll = -tok.sum() / (n.clamp(min=1) if num_units is None else num_units.clamp(min=1)).to(tok.dtype)
+            return nll, {"loss": -tok.detach().sum() / n.clamp(min=1), "tokens/target": n.float()}
+        refs = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps} if self.use_ref else {}
+        kwargs = dict(num_nll_tokens=num_nll_tokens, cu_seqlens=cu_seqlens, return_metrics=True, **refs)
         if self.objective == "safedpo":
-            return self.loss_fn(weight, hidden, target, chosen_unsafe, rejected_unsafe, bias=bias, **refs)
-        return self.loss_fn(weight, hidden, target, bias=bias, **refs)
+            loss, _, metrics = self.loss_fn(head.weight, hidden, target, head.bias, chosen_unsafe=chosen_unsafe,
+                                            rejected_unsafe=rejected_unsafe, num_kept_pairs=num_units, **kwargs)
+        else:
+            loss, _, metrics = self.loss_fn(head.weight, hidden, target, head.bias, num_pairs=num_units, **kwargs)
+        return loss, metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,26 +179,22 @@ def _model_config(cfg: dict, tokenizer, attn: str):
         config = AutoConfig.from_pretrained(cfg["model_name_or_path"], revision=cfg["model_revision"],
                                             trust_remote_code=cfg["trust_remote_code"])
     else:
-        kwargs = dict(cfg["model_config"])
-        model_type = kwargs.pop("model_type")
-        kwargs.setdefault("vocab_size", len(tokenizer))
-        kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-        kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
-        kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
-        config = AutoConfig.for_model(model_type, **kwargs)
+        config = hf_config_from_dict(cfg["model_config"], vocab_size=len(tokenizer),
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                     bos_token_id=tokenizer.bos_token_id)
+    check_max_length(cfg, config)
     config._attn_implementation = attn
     config.use_cache = False
     return config
 
 
 def _build_lm(cfg: dict, config, *, real: bool) -> nn.Module:
-    """The causal LM in float32: weights loaded (real=True) or an empty shell on the meta device."""
+    """The causal LM in float32: weights loaded (real=True) or a shell with meta parameters (real buffers)."""
     from transformers import AutoModelForCausalLM
 
     common = dict(trust_remote_code=cfg["trust_remote_code"])
     if not real:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=torch.float32, **common)
+        return empty_shell(config, **common)
     if cfg["model_name_or_path"] is not None:
         return AutoModelForCausalLM.from_pretrained(
             cfg["model_name_or_path"], config=config, revision=cfg["model_revision"], dtype=torch.float32, **common)
@@ -311,12 +224,14 @@ def _dataset_fingerprint(ds) -> str:
     return h.hexdigest()[:16]
 
 
-def _model_fingerprint(cfg: dict, compute_dtype: torch.dtype) -> str:
+def _model_fingerprint(cfg: dict, compute_dtype: torch.dtype, averaged: bool) -> str:
     import transformers
 
     key: dict[str, Any] = {k: cfg[k] for k in ("model_name_or_path", "model_revision", "model_config",
                                                "liger_kernels", "average_log_prob", "max_length")}
     key["dtype"] = str(compute_dtype)
+    if averaged != cfg["average_log_prob"]:  # a loss type that averages (ipo): per-token means are cached
+        key["averaged"] = averaged
     if cfg["model_config"] is not None:  # random init: the seed and library versions decide the weights
         key.update(seed=cfg["seed"], torch=torch.__version__, transformers=transformers.__version__)
     path = cfg["model_name_or_path"]
@@ -370,10 +285,13 @@ class Recipe:
         self.micro_in_epoch = 0  # micro-batches of this epoch already consumed (per rank)
         self.history: list[dict] = []
         self._owns_group = False
+        self._lock = OutputDirLock(self.out)
+        self._prune_thread = None
 
     # ----------------------------------------------------------------------------- setup
     def setup(self) -> None:
         self._init_distributed()
+        self._on_rank0(self._lock.acquire)  # a second run on the same output_dir is refused here
         torch.manual_seed(self.cfg["seed"])
         random.seed(self.cfg["seed"])
         self._load_tokenizer()
@@ -401,11 +319,12 @@ class Recipe:
             raise ValueError("config key 'liger_kernels': Liger-Kernel's Triton kernels need a CUDA device, "
                              f"this run is on {self.device.type}")
         backend = cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
+        timeout = timedelta(minutes=cfg["dist_timeout_minutes"])  # model loading / precompute can be slow
         if not dist.is_initialized():
             if "WORLD_SIZE" in os.environ:  # torchrun
-                dist.init_process_group(backend)
+                dist.init_process_group(backend, timeout=timeout)
             else:  # in-process, world size 1
-                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
             self._owns_group = True
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         use_bf16 = cfg["mixed_precision"] == "bf16" or (cfg["mixed_precision"] == "auto" and self.device.type == "cuda")
@@ -426,32 +345,52 @@ class Recipe:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     def _load_data(self) -> DataBundle:
+        """Train and held-out pairs, selected and tokenized. Never evaluates on training rows: a source
+        without separate splits (one file, a folder whose file names name no split) needs
+        ``eval_fraction`` (held out of training, reported), ``eval_dataset``, or ``eval_split: null``."""
         from safedpo_kernels.data import load_pairs, select_pairs, tokenize_pairs
 
         cfg = self.cfg
         reports = {}
 
-        def prepare(split, limit, select):
-            ds, load_report = load_pairs(cfg["dataset"], split=split, name=cfg["dataset_config"], limit=limit)
-            reports[f"{split}/load"] = _as_dict(load_report)
+        def tokenize(ds, name, select):
             if select:
                 ds, sel = select_pairs(ds, cfg["selection"])
-                reports[f"{split}/selection"] = _as_dict(sel)
+                reports[f"{name}/selection"] = _as_dict(sel)
             tok, tok_report = tokenize_pairs(ds, self.tokenizer, max_length=cfg["max_length"],
                                              ignore_index=IGNORE_INDEX)
-            reports[f"{split}/tokenize"] = _as_dict(tok_report)
+            reports[f"{name}/tokenize"] = _as_dict(tok_report)
             return tok
 
         # Rank 0 first (it fills the datasets cache), then the others read it.
         if self.rank != 0:
             self._barrier()
-        train = prepare(cfg["train_split"], cfg["train_limit"], True)
-        eval_sel = eval_raw = None
-        if cfg["eval_split"] is not None:
-            eval_sel = prepare(cfg["eval_split"], cfg["eval_limit"], True)
-            eval_raw = prepare(cfg["eval_split"], cfg["eval_limit"], False)
-        if self.rank == 0:
-            self._barrier()
+        try:
+            train_raw, train_report = load_pairs(cfg["dataset"], split=cfg["train_split"], name=cfg["dataset_config"],
+                                                 limit=cfg["train_limit"])
+            reports["train/load"] = _as_dict(train_report)
+            held_out = None
+            if cfg["eval_split"] is not None and cfg["eval_fraction"] is not None:
+                parts = train_raw.train_test_split(test_size=cfg["eval_fraction"], seed=cfg["seed"], shuffle=True)
+                train_raw, held_out = parts["train"], parts["test"]
+                if cfg["eval_limit"] is not None:
+                    held_out = held_out.select(range(min(cfg["eval_limit"], len(held_out))))
+                reports["eval/held_out"] = {"eval_fraction": cfg["eval_fraction"], "held_out_pairs": len(held_out),
+                                            "train_pairs_left": len(train_raw), "seed": cfg["seed"]}
+            elif cfg["eval_split"] is not None:
+                source = cfg["eval_dataset"] or cfg["dataset"]
+                held_out, eval_report = load_pairs(source, split=cfg["eval_split"], limit=cfg["eval_limit"],
+                                                   name=cfg["dataset_config"] if cfg["eval_dataset"] is None else None)
+                reports["eval/load"] = _as_dict(eval_report)
+                _refuse_train_as_eval(cfg, train_report, eval_report)
+            train = tokenize(train_raw, "train", True)
+            eval_sel = eval_raw = None
+            if held_out is not None:
+                eval_sel = tokenize(held_out, "eval", True)
+                eval_raw = tokenize(held_out, "eval_raw", False)
+        finally:
+            if self.rank == 0:
+                self._barrier()
         if len(train) < self.world * cfg["micro_batch_size"] * cfg["grad_accum_steps"]:
             raise ValueError(
                 f"config key 'micro_batch_size': {len(train)} training pairs cannot fill one step of "
@@ -461,29 +400,47 @@ class Recipe:
         return DataBundle(train, eval_sel, eval_raw, reports)
 
     def _build_models(self) -> None:
-        from safedpo_kernels.data import PaddedPairCollator
+        from safedpo_kernels.data import PackedPairCollator, PaddedPairCollator
 
         cfg = self.cfg
         attn = _attn_implementation(cfg, self.device)
         config = _model_config(cfg, self.tokenizer, attn)
         self.hf_config = config
-        # Rank 0 reads the weights; every rank builds a meta shell that is sharded and then filled
-        # from rank 0 by a broadcast (no rank but 0 ever holds the full model).
-        init = _build_lm(cfg, config, real=True) if self.rank == 0 else None
-        self.policy = self._shard(self._shell(config), init, train=True)
+        # Every rank builds a shell (meta parameters), shards it and reads its own shards from the
+        # checkpoint's safetensors files. Random inits (tests) and .bin-only checkpoints: rank 0
+        # materializes the model and broadcasts the shards (small models only).
+        folder = None
+        if cfg["model_name_or_path"] is not None:
+            def locate() -> str | None:  # rank 0 downloads first; the others then find the files cached
+                found = weights_folder(cfg["model_name_or_path"], cfg["model_revision"])
+                return None if found is None else str(found)
+
+            folder = self._on_rank0(locate)
+            if folder is not None and self.rank != 0:
+                folder = str(weights_folder(cfg["model_name_or_path"], cfg["model_revision"]))
+        init = _build_lm(cfg, config, real=True) if folder is None and self.rank == 0 else None
+        if init is not None and cfg["peft"] is not None:
+            init = inject_lora(init, cfg["peft"])  # same parameter names as the shells
+        source = Path(folder) if folder is not None else None
+        self.policy = self._shard(self._shell(config), init, source, train=True)
         self.ref = None
-        if cfg["objective"] != "sft" and cfg["reference_mode"] == "live":
-            self.ref = self._shard(self._shell(config), init, train=False)
+        needs_ref = cfg["objective"] != "sft" and not cfg["reference_free"]
+        if needs_ref and cfg["reference_mode"] == "live" and cfg["peft"] is None:
+            self.ref = self._shard(self._shell(config), init, source, train=False)
         del init
-        self.collate = PaddedPairCollator(self.tokenizer.pad_token_id, ignore_index=IGNORE_INDEX)
-        if cfg["objective"] != "sft" and cfg["reference_mode"] == "precompute":
+        self.collate = (PackedPairCollator(ignore_index=IGNORE_INDEX) if cfg["packing"] else
+                        PaddedPairCollator(self.tokenizer.pad_token_id, ignore_index=IGNORE_INDEX))
+        if needs_ref and cfg["reference_mode"] == "precompute":
             self._precompute_reference()
         n_params = sum(p.numel() for p in self.policy.parameters())  # global sizes (DTensor numel)
-        self._print(f"model: {config.model_type}, {n_params / 1e6:.2f}M parameters, attn={attn}, "
+        n_train = sum(p.numel() for p in self.policy.parameters() if p.requires_grad)
+        self._print(f"model: {config.model_type}, {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trained), attn={attn}, "
                     f"compute={self.compute_dtype}, world={self.world}, device={self.device.type}")
 
     def _shell(self, config) -> nn.Module:
         lm = _build_lm(self.cfg, config, real=False)
+        if self.cfg["peft"] is not None:
+            lm = inject_lora(lm, self.cfg["peft"])
         if self.cfg["liger_kernels"]:
             from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
@@ -492,8 +449,9 @@ class Recipe:
                                             cross_entropy=False, fused_linear_cross_entropy=False)
         return lm
 
-    def _shard(self, lm: nn.Module, init: nn.Module | None, *, train: bool) -> PolicyWithLoss:
-        """fully_shard every decoder layer, then the PolicyWithLoss root; fill from rank 0's weights."""
+    def _shard(self, lm: nn.Module, init: nn.Module | None, folder: Path | None, *, train: bool) -> PolicyWithLoss:
+        """fully_shard every decoder layer, then the PolicyWithLoss root; fill each rank's shards from the
+        safetensors in ``folder``, or (``folder`` None) from rank 0's materialized ``init``."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -510,24 +468,30 @@ class Recipe:
         mp_root = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
         for layer in layers:
             fully_shard(layer, mp_policy=mp)
-        root = PolicyWithLoss(lm, cfg)
+        root = PolicyWithLoss(lm, cfg, live_reference=cfg["peft"] is not None and cfg["reference_mode"] == "live")
         fully_shard(root, mp_policy=mp_root)
+        buffers = snapshot_buffers(lm)  # rotary inv_freq etc.: computed on the CPU by every rank
         root.to_empty(device=self.device)
-        full = {} if init is None else {f"lm.{k}": v for k, v in init.state_dict().items()}
-        set_model_state_dict(root, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        # Buffers that are not in the state dict (rotary inv_freq): same module order on every rank.
-        src = list(init.buffers()) if init is not None else None
-        for i, buf in enumerate(root.lm.buffers()):
-            if src is not None:
-                buf.copy_(src[i])
-            dist.broadcast(buf, src=0)
+        if restore_buffers(root.lm, buffers):
+            raise RuntimeError("model: some buffers were created on the meta device; cannot restore them")
+        if folder is not None:
+            tied = {"lm_head.weight"} if getattr(self.hf_config, "tie_word_embeddings", False) else set()
+            t0 = time.perf_counter()
+            stats = load_own_shards(root.lm, folder, tied_names=tied)
+            self._print(f"weights: rank 0 read {stats['read_bytes'] / 2**20:.3f} of {stats['total_bytes'] / 2**20:.3f}"
+                        f" MiB (its own shards) from {folder} in {time.perf_counter() - t0:.1f} s")
+        else:
+            full = {} if init is None else {f"lm.{k}": v for k, v in init.state_dict().items()}
+            set_model_state_dict(root, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        if cfg["peft"] is not None:
+            init_adapters(root.lm, cfg["seed"])  # same start on any number of ranks; lora_B = 0
         if not train:
             root.requires_grad_(False)
             root.eval()
         return root
 
     # ----------------------------------------------------------------------------- reference
-    def _pair_logps(self, model: nn.Module, ds, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pair_logps(self, model: nn.Module, ds, desc: str, what: str = "logps") -> tuple[torch.Tensor, torch.Tensor]:
         """(N,) chosen and (N,) rejected float32 sequence log-probs of ``ds`` on every rank (no grad).
 
         Rows are split round-robin over ranks; each rank runs the same number of forwards (FSDP needs
@@ -540,14 +504,17 @@ class Recipe:
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            for b in _progress(range(n_batches), desc, self.rank == 0 and self.cfg["progress_bar"]):
+            bar = _progress(n_batches, desc, self.rank == 0 and self.cfg["progress_bar"])
+            for b in range(n_batches):
                 idx = mine[b * bs:(b + 1) * bs]
                 batch = self._to_device(self.collate([ds[i] for i in (idx or [0])]))
-                logps = model(batch["input_ids"], batch["attention_mask"], batch["labels"], what="logps")
+                logps = model(**{k: batch[k] for k in _ROW_INPUTS if k in batch}, what=what)
                 if idx:
                     k = len(idx)
                     out[0, idx] = logps[:k].double()
                     out[1, idx] = logps[k:].double()
+                bar.update(1)
+            bar.close()
         model.reshard()  # the root keeps its parameters gathered after a forward that has no backward
         model.train(was_training)
         dist.all_reduce(out)  # each entry written by exactly one rank: the sum is a gather
@@ -556,7 +523,7 @@ class Recipe:
     def _precompute_reference(self) -> None:
         """Reference log-probs of the initial policy for every split, cached on disk, added as columns."""
         cache = Path(self.cfg["reference_cache_dir"] or self.out / "reference_cache")
-        model_fp = _model_fingerprint(self.cfg, self.compute_dtype)
+        model_fp = _model_fingerprint(self.cfg, self.compute_dtype, self.policy.average)
         for name in ("train", "eval_sel", "eval_raw"):
             ds = getattr(self.data, name)
             if ds is None:
@@ -584,7 +551,8 @@ class Recipe:
     # ----------------------------------------------------------------------------- optimizer, data
     def _build_optimizer(self) -> None:
         cfg = self.cfg
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
+        trained = [p for p in self.policy.parameters() if p.requires_grad]  # LoRA: the adapters only
+        self.optimizer = torch.optim.AdamW(trained, lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
                                            eps=cfg["adam_eps"], weight_decay=cfg["weight_decay"])
 
     def _build_loader(self) -> None:
@@ -629,8 +597,17 @@ class Recipe:
         if self.cfg["objective"] == "sft":
             return (batch["labels"][:, 1:] != IGNORE_INDEX).sum().double()
         if self.cfg["objective"] == "safedpo":
-            return (~(batch["chosen_unsafe"].bool() & batch["rejected_unsafe"].bool())).sum().double()
+            return count_kept_pairs(batch["chosen_unsafe"], batch["rejected_unsafe"]).double()
         return torch.tensor(float(batch["chosen_unsafe"].shape[0]), dtype=torch.float64)
+
+    def _nll_tokens(self, batch: dict) -> torch.Tensor:
+        """Trained tokens of the T(D) winners of kept pairs (the NLL term's normalizer; DPO: chosen)."""
+        counts = _target_counts(batch)
+        b = counts.shape[0] // 2
+        if self.cfg["objective"] != "safedpo":
+            return counts[:b].sum()
+        keep, swap, _ = safety_transform(batch["chosen_unsafe"], batch["rejected_unsafe"])
+        return torch.where(keep, torch.where(swap, counts[b:], counts[:b]), torch.zeros_like(counts[:b])).sum()
 
     def _sft_view(self, batch: dict) -> dict:
         """SFT trains on the chosen rows (or both responses), no flags or reference."""
@@ -641,32 +618,36 @@ class Recipe:
     def _train_step(self, batches: list[dict]) -> dict[str, float]:
         """Forward + backward of every micro-batch, gradients of the mean over the GLOBAL batch, step.
 
-        Each micro-batch loss is a mean over its own units; rescaling by units * world / global units
-        makes the FSDP-averaged gradient exactly that of the mean over all units of all ranks.
+        The kept pairs (pairs, target tokens; NLL winner tokens) of all micro-batches on all ranks are
+        counted with one all-reduce before the forwards and passed to the loss as its normalizer
+        (``num_kept_pairs``), so ranks with more dropped pairs do not weigh more.
         """
         sft = self.cfg["objective"] == "sft"
         if sft:
             batches = [self._sft_view(b) for b in batches]
         units = [self._units(b).to(self.device) for b in batches]
-        global_units = torch.stack(units).sum()
-        dist.all_reduce(global_units)
+        nll = self.cfg["rpo_alpha"] is not None and not sft
+        totals = torch.stack([torch.stack(units).sum(), torch.stack([self._nll_tokens(b) for b in batches]).sum().to(
+            self.device) if nll else torch.zeros((), dtype=torch.float64, device=self.device)])
+        dist.all_reduce(totals)  # step-wide normalizers: every micro-batch of every rank
+        global_units, global_nll_tokens = totals[0], (totals[1] if nll else None)
         sums: dict[str, torch.Tensor] = {}
         t0 = time.perf_counter()
         for batch, n in zip(batches, units):
             if self.ref is not None:  # live reference: a frozen sharded copy, forward only
                 batch = {**batch, **self._live_ref_logps(batch)}
-            loss, metrics = self.policy(**{k: batch[k] for k in _MODEL_INPUTS if k in batch})
-            if sft:  # loss is the summed NLL of this micro-batch
-                scaled = loss * (self.world / global_units.clamp(min=1)).to(loss.dtype)
-            else:
-                scaled = loss * (n * self.world / global_units.clamp(min=1)).to(loss.dtype)
-            scaled.backward()
+            loss, metrics = self.policy(**{k: batch[k] for k in _MODEL_INPUTS if k in batch},
+                                        num_units=global_units, num_nll_tokens=global_nll_tokens)
+            # The loss is (sum over this micro-batch) / (global count); FSDP averages gradients over
+            # ranks, so x world makes the update that of the mean over the whole step.
+            (loss * self.world).backward()
             _accumulate(sums, metrics, n, batch)
         if self.cfg["debug_dump_grads"] and self.step == 0:
             self._dump_grads(Path(self.cfg["debug_dump_grads"]), batches)
         grad_norm = torch.tensor(0.0)
         if self.cfg["max_grad_norm"] is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg["max_grad_norm"])
+            params = [p for p in self.policy.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg["max_grad_norm"])
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -684,7 +665,7 @@ class Recipe:
 
     def _live_ref_logps(self, batch: dict) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            logps = self.ref(batch["input_ids"], batch["attention_mask"], batch["labels"], what="logps")
+            logps = self.ref(**{k: batch[k] for k in _ROW_INPUTS if k in batch}, what="logps")
         self.ref.reshard()
         b = logps.shape[0] // 2
         return {"ref_chosen_logps": logps[:b], "ref_rejected_logps": logps[b:]}
@@ -694,6 +675,8 @@ class Recipe:
         grads = {}
         for name, p in self.policy.named_parameters():
             g = p.grad
+            if g is None:  # frozen (LoRA base weights)
+                continue
             full = g.full_tensor() if hasattr(g, "full_tensor") else g
             grads[name.replace("_checkpoint_wrapped_module.", "")] = full.detach().cpu().clone()
         if self.rank == 0:
@@ -706,13 +689,12 @@ class Recipe:
         cfg = self.cfg
         if cfg["eval_at_start"] and self.step == 0 and self.data.eval_raw is not None:
             self._log({"step": 0, **self.evaluate()})
-        bar = _progress(range(self.step, self.total_steps), "train", self.rank == 0 and cfg["progress_bar"],
-                        total=self.total_steps, initial=self.step)
-        for _ in bar:
+        bar = _progress(self.total_steps, "train", self.rank == 0 and cfg["progress_bar"], initial=self.step)
+        while self.step < self.total_steps:
             metrics = self._train_step(self._next_micro_batches())
-            if hasattr(bar, "set_postfix"):
-                acc = metrics.get("rewards/accuracies", float("nan"))
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{acc:.2f}")
+            acc = metrics.get("rewards/accuracies", float("nan"))
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{acc:.2f}", refresh=False)
+            bar.update(1)
             if self.step % cfg["log_every"] == 0 or self.step == self.total_steps:
                 self._log(metrics)
             last = self.step == self.total_steps
@@ -720,6 +702,7 @@ class Recipe:
                 self._log({"step": self.step, **self.evaluate()})
             if last or (cfg["save_every"] and self.step % cfg["save_every"] == 0):
                 self.save_checkpoint()
+        bar.close()
         return self.history
 
     # ----------------------------------------------------------------------------- evaluation
@@ -731,7 +714,8 @@ class Recipe:
         safe-vs-unsafe held-out pairs whose implicit reward beta * (log pi - log pi_ref) ranks the safe
         response higher; eval/safe_over_unsafe_logp: the same with plain log-probs (no reference);
         eval/helpful_accuracy_safe_pairs: implicit-reward ranking of the helpfulness winner on pairs
-        where both responses are safe.
+        where both responses are safe. eval/logps_chosen, eval/logps_rejected: mean policy sequence
+        log-probs of the held-out responses (watch the chosen ones fall: likelihood displacement).
         """
         from safedpo_kernels import dpo_loss, safedpo_loss
 
@@ -746,6 +730,7 @@ class Recipe:
         unsafe_lp = torch.where(cu, pc, pr)
         out["eval/safe_over_unsafe_logp"] = _frac(safe_lp > unsafe_lp, mixed)
         out["eval/pairs_safe_vs_unsafe"] = float(mixed.sum())
+        out["eval/logps_chosen"], out["eval/logps_rejected"] = float(pc.double().mean()), float(pr.double().mean())
         if cfg["objective"] == "sft":
             sel = self.data.eval_sel
             sc, _ = self._pair_logps(self.policy, sel, "eval (selected)")
@@ -760,19 +745,28 @@ class Recipe:
         sel = self.data.eval_sel
         spc, spr = self._pair_logps(self.policy, sel, "eval (selected)") if sel is not raw else (pc, pr)
         src, srr = self._ref_logps(sel, "eval_sel")
+        if cfg["reference_free"]:
+            src = srr = None
+        opts = dict(beta=beta, loss_type=cfg["loss_type"], label_smoothing=cfg["label_smoothing"], return_metrics=True)
         if cfg["objective"] == "safedpo":
             scu = torch.tensor(sel["chosen_unsafe"], dtype=torch.bool)
             sru = torch.tensor(sel["rejected_unsafe"], dtype=torch.bool)
-            loss, m = safedpo_loss(spc, spr, src, srr, scu, sru, beta=beta, delta=cfg["delta"], return_metrics=True)
+            loss, m = safedpo_loss(spc, spr, src, srr, scu, sru, delta=cfg["delta"], **opts)
         else:
-            loss, m = dpo_loss(spc, spr, src, srr, beta=beta, return_metrics=True)
+            loss, m = dpo_loss(spc, spr, src, srr, **opts)
         out.update({"eval/loss": float(loss), "eval/accuracy": float(m["rewards/accuracies"]),
                     "eval/margins": float(m["rewards/margins"])})
         return out
 
     def _ref_logps(self, ds, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs of ``ds``: 0 (reference-free), live (frozen copy, or the adapter-disabled
+        LoRA policy), or the precomputed columns."""
+        if self.cfg["reference_free"]:
+            return torch.zeros(len(ds)), torch.zeros(len(ds))
         if self.ref is not None:
             return self._pair_logps(self.ref, ds, f"eval reference ({name})")
+        if self.policy.live_reference:
+            return self._pair_logps(self.policy, ds, f"eval reference ({name})", what="ref_logps")
         return (torch.tensor(ds["ref_chosen_logps"], dtype=torch.float32),
                 torch.tensor(ds["ref_rejected_logps"], dtype=torch.float32))
 
@@ -807,9 +801,11 @@ class Recipe:
             (tmp / "meta.json").write_text(json.dumps({"step": self.step, "world": self.world, "complete": True}))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for old in _complete_checkpoints(root)[:-self.cfg["keep_checkpoints"]]:
-                shutil.rmtree(old, ignore_errors=True)
         self._barrier()
+        if self.rank == 0:  # after the barrier: the other ranks train on while old folders are deleted
+            if self._prune_thread is not None:
+                self._prune_thread.join()
+            self._prune_thread = prune_in_background(root, self.cfg["keep_checkpoints"])
         self._print(f"checkpoint: {final}")
         return final
 
@@ -817,16 +813,26 @@ class Recipe:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        found = _complete_checkpoints(self.out / "checkpoints")
-        if not found:
-            raise ValueError(f"config key 'resume': no complete checkpoint under {self.out / 'checkpoints'}")
-        path = found[-1]
+        import warnings
+
+        def choose() -> str:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                path = newest_verified(self.out / "checkpoints")
+            for w in seen:  # damaged newer checkpoints skipped: named in the log
+                self._print(f"WARNING: {w.message}")
+            return str(path)
+
+        path = Path(self._on_rank0(choose))
         model_sd, optim_sd = get_state_dict(self.policy, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(self.policy, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        rank_file = path / f"extra_rank{self.rank}.pt"
-        extra = torch.load(rank_file if rank_file.exists() else path / "extra_rank0.pt", weights_only=True)
+        saved_world = json.loads((path / "meta.json").read_text())["world"]
+        # Verified: every rank of the saving run has its file. A rank the saving run did not have
+        # (resuming on more ranks) starts from rank 0's position; the data order changes (printed).
+        rank_file = path / f"extra_rank{self.rank if self.rank < saved_world else 0}.pt"
+        extra = torch.load(rank_file, weights_only=True)
         if extra["world"] != self.world:
             self._print(f"resume: checkpoint written by {extra['world']} ranks, now {self.world}: "
                         "the data order changes")
@@ -858,7 +864,10 @@ class Recipe:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         dtype = getattr(torch, self.cfg["export_dtype"])
-        sd = {k.removeprefix("lm."): v.to(dtype).contiguous() for k, v in full.items()}
+        sd = {k.removeprefix("lm."): v for k, v in full.items()}
+        if self.cfg["peft"] is not None:  # LoRA: W + (alpha / r) B A, plain HF names
+            sd = merged_state_dict(sd, self.cfg["peft"]["lora_alpha"] / self.cfg["peft"]["r"])
+        sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
         if getattr(self.hf_config, "tie_word_embeddings", False):
             sd.pop("lm_head.weight", None)  # tied: stored once, re-tied by from_pretrained
         save_torch_state_dict(sd, tmp, max_shard_size="5GB")
@@ -893,7 +902,30 @@ class Recipe:
             return None
         return plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
 
+    def _on_rank0(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on rank 0; its result (or its error, re-raised on every rank) broadcast to all ranks.
+
+        Decisions that read shared files (the lock, which checkpoint is intact) are taken once, so
+        ranks never disagree and no rank waits in a collective for a rank that already failed.
+        """
+        box: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                box[0] = ("ok", fn())
+            except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+                box[0] = ("error", err)
+        if self.world > 1:
+            dist.broadcast_object_list(box, src=0)
+        status, value = box[0]
+        if status == "error":
+            raise value
+        return value
+
     def cleanup(self) -> None:
+        if self._prune_thread is not None:
+            self._prune_thread.join()
+        if self.rank == 0:
+            self._lock.release()
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -903,10 +935,11 @@ class Recipe:
 # ---------------------------------------------------------------------------------------------
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "chosen_unsafe", "rejected_unsafe",
-                 "ref_chosen_logps", "ref_rejected_logps")
+                 "ref_chosen_logps", "ref_rejected_logps", "position_ids", "cu_seqlens")
+_ROW_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "cu_seqlens")
 _MEAN_OVER_UNITS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                     "logps/chosen", "logps/rejected")
-_COUNTS = ("pairs/kept", "pairs/swapped", "pairs/dropped")
+_COUNTS = ("pairs/kept", "pairs/swapped", "pairs/dropped", "nll_loss")  # summed (nll_loss: already / global)
 
 
 def _accumulate(sums: dict, metrics: dict, units: torch.Tensor, batch: dict) -> None:
@@ -925,7 +958,9 @@ def _accumulate(sums: dict, metrics: dict, units: torch.Tensor, batch: dict) -> 
         add("safety/safe_vs_unsafe_frac", metrics["safety/safe_vs_unsafe_frac"] * (rows // 2))
     add("pairs", torch.tensor(float(rows // 2), device=units.device))
     add("units", units)
-    add("tokens/total", batch["attention_mask"].sum())
+    tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].new_tensor(
+        batch["input_ids"].numel())  # packed: every position is a real token
+    add("tokens/total", tokens)
 
 
 def _reduce_metrics(sums: dict, device) -> dict[str, float]:
@@ -945,6 +980,18 @@ def _reduce_metrics(sums: dict, device) -> dict[str, float]:
     return out
 
 
+def _target_counts(batch: dict) -> torch.Tensor:
+    """(2B,) float64 trained tokens per sequence (after the shift), padded or packed batch."""
+    if "cu_seqlens" in batch:
+        from safedpo_kernels.data import shift_packed_labels
+
+        trained = (shift_packed_labels(batch["labels"], IGNORE_INDEX).reshape(-1) != IGNORE_INDEX).double()
+        ends = torch.cat([torch.zeros(1, dtype=torch.float64, device=trained.device), trained.cumsum(0)])
+        cu = batch["cu_seqlens"].long()
+        return ends[cu[1:]] - ends[cu[:-1]]
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).double()
+
+
 def _frac(hits: torch.Tensor, mask: torch.Tensor) -> float:
     n = int(mask.sum())
     return float((hits & mask).sum()) / n if n else float("nan")
@@ -956,21 +1003,34 @@ def _as_dict(report) -> Any:
     return report if isinstance(report, (dict, list, int, float, str, type(None))) else str(report)
 
 
-def _complete_checkpoints(root: Path) -> list[Path]:
-    """step_N folders with meta.json (complete saves), oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if re.fullmatch(r"step_\d+", p.name) and (p / "meta.json").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+def _refuse_train_as_eval(cfg: dict, train_report, eval_report) -> None:
+    """ValueError when the eval split read the very rows of the training split (a local source with no
+    split names: one file, or a folder whose file names name no split)."""
+    if cfg["eval_dataset"] is not None or train_report.resolved.startswith("hub:"):
+        return
+    if train_report.resolved == eval_report.resolved:
+        raise ValueError(
+            f"config key 'eval_split': dataset {cfg['dataset']!r} has no separate {cfg['eval_split']!r} split "
+            f"(both splits read {train_report.resolved}), so evaluation would measure training rows. Set "
+            "eval_fraction (e.g. 0.05: held out of training), eval_dataset (another file), or eval_split: null.")
 
 
-def _progress(iterable, desc: str, enabled: bool, **kwargs):
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, **kwargs) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
+    """A tqdm bar advanced by hand (``update(1)`` per step, so the count and ETA move every step;
+    ``set_postfix(..., refresh=False)`` never redraws a stale count); a no-op object when disabled."""
     if not enabled:
-        return iterable
+        return _NoBar()
     from tqdm.auto import tqdm
 
-    # Redirected to a file (CI logs): refresh rarely instead of writing a line every 0.1 s.
-    return tqdm(iterable, desc=desc, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 15.0, **kwargs)
+    # Redirected to a file (CI logs): redraw at most every 15 s instead of every 0.1 s.
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, smoothing=0.1,
+                mininterval=0.1 if sys.stderr.isatty() else 15.0)
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> Path:
@@ -1025,7 +1085,7 @@ def run(config: dict) -> dict:
         export = recipe.export_hf() if recipe.cfg["export_hf"] else None
         png = recipe.plot()
         evals = [r for r in history if any(k.startswith("eval/") for k in r)]
-        ckpts = _complete_checkpoints(recipe.out / "checkpoints")
+        ckpts = [p for p in step_folders(recipe.out / "checkpoints") if checkpoint_problem(p) is None]
         result = {
             "final_eval": {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {},
             "train_losses": [r["loss"] for r in history if "loss" in r],

@@ -19,6 +19,9 @@ _EXPORTS = {
     "load_pairs": "load",
     "fixture_path": "load",
     "load_fixture_tokenizer": "load",
+    "fixture_tokenizer_path": "load",
+    "judge_long": "rule_judge",
+    "prompt_category": "rule_judge",
     "select_pairs": "selections",
     "SELECTIONS": "selections",
     "tokenize_pairs": "tokenize",
@@ -38,7 +41,8 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # pragma: no cover
     from safedpo_kernels.data.collate import PackedPairCollator, PaddedPairCollator, shift_packed_labels
     from safedpo_kernels.data.judge import judge_response
-    from safedpo_kernels.data.load import fixture_path, load_fixture_tokenizer, load_pairs
+    from safedpo_kernels.data.load import fixture_path, fixture_tokenizer_path, load_fixture_tokenizer, load_pairs
+    from safedpo_kernels.data.rule_judge import judge_long, prompt_category
     from safedpo_kernels.data.reports import LoadReport, SelectionReport, TokenizeReport
     from safedpo_kernels.data.selections import SELECTIONS, select_pairs
     from safedpo_kernels.data.tokenize import DEFAULT_TEMPLATE, build_prompts, tokenize_pairs

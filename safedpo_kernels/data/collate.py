@@ -43,16 +43,32 @@ _REQUIRED = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejecte
 _REFS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
-def _as_long_list(value: Any, what: str) -> list[int]:
+def _as_long_list(value: Any, what: str, allowed_negative: int | None = None) -> list[int]:
+    """``value`` as a list of Python ints, each >= 0 (or equal to ``allowed_negative``: the ignore_index of
+    labels). Floats, bools, strings and negative ids raise a ValueError naming ``what`` and the position."""
     if isinstance(value, torch.Tensor):
-        if value.dim() != 1 or value.is_floating_point():
+        if value.dim() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
             raise ValueError(
                 f"{what}: expected a 1-D integer sequence, got a tensor {tuple(value.shape)} {value.dtype}"
             )
-        return value.tolist()
+        value = value.tolist()
+    elif type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        if getattr(value, "ndim", 1) != 1 or value.dtype.kind not in "iu":
+            raise ValueError(f"{what}: expected a 1-D integer sequence, got a NumPy array of dtype {value.dtype}")
+        value = value.tolist()
     if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
         raise ValueError(f"{what}: expected a list of token ids, got {type(value).__name__}")
-    return list(value)
+    out = []
+    for j, x in enumerate(value):
+        if type(x).__module__ == "numpy" and getattr(x, "dtype", None) is not None and x.dtype.kind in "iu":
+            x = int(x)
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise ValueError(f"{what}[{j}]: expected an integer token id, got {x!r} ({type(x).__name__})")
+        if x < 0 and x != allowed_negative:
+            extra = f" or {allowed_negative} (ignore_index)" if allowed_negative is not None else ""
+            raise ValueError(f"{what}[{j}]: expected a token id >= 0{extra}, got {x}")
+        out.append(x)
+    return out
 
 
 def _as_flag(value: Any, what: str) -> bool:
@@ -80,7 +96,7 @@ def _parse_rows(rows: Any, ignore_index: int):
             raise ValueError(f"rows[{i}]: missing columns {missing} (tokenize pairs with tokenize_pairs first)")
         for side, bucket in (("chosen", chosen), ("rejected", rejected)):
             ids = _as_long_list(row[f"{side}_input_ids"], f"rows[{i}].{side}_input_ids")
-            labels = _as_long_list(row[f"{side}_labels"], f"rows[{i}].{side}_labels")
+            labels = _as_long_list(row[f"{side}_labels"], f"rows[{i}].{side}_labels", allowed_negative=ignore_index)
             if len(ids) != len(labels) or not ids:
                 raise ValueError(f"rows[{i}]: {side}_input_ids ({len(ids)}) and {side}_labels ({len(labels)}) "
                                  "must have the same, non-zero length")

@@ -26,10 +26,11 @@ from safedpo_kernels.data.schema import (
     detect_schema,
 )
 
-__all__ = ["load_pairs", "fixture_path", "load_fixture_tokenizer", "FIXTURES_DIR"]
+__all__ = ["load_pairs", "fixture_path", "fixture_tokenizer_path", "load_fixture_tokenizer", "FIXTURES_DIR"]
 
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
-FIXTURE_NAMES = ("pku_tiny",)
+FIXTURE_NAMES = ("pku_tiny", "pku_long")
+FIXTURE_SPLITS = {"pku_tiny": ("train", "test"), "pku_long": ("train", "validation", "test")}
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 KNOWN_SPLITS = ("train", "test", "validation", "valid", "dev", "eval")
 _MAX_EXAMPLES = 10
@@ -38,19 +39,27 @@ ADAPTER_VERSION = 1
 
 
 def fixture_path(name: str = "pku_tiny") -> Path:
-    """Folder of a committed fixture (``train.jsonl``, ``test.jsonl`` in the PKU-SafeRLHF-30K schema)."""
+    """Folder of a committed fixture (one ``<split>.jsonl`` per split of ``FIXTURE_SPLITS[name]``, in the
+    PKU-SafeRLHF-30K schema). ``pku_tiny``: train/test, short answers; ``pku_long``: train/validation/test,
+    PKU-length answers, held-out topics and templates (see docs/data.md)."""
     if name not in FIXTURE_NAMES:
         raise ValueError(f"name: expected one of {list(FIXTURE_NAMES)}, got {name!r}")
     return FIXTURES_DIR / name
 
 
-def load_fixture_tokenizer():
-    """The committed tiny tokenizer (BPE, 448 tokens; ``<pad>``=0, ``<s>``=1 prepended, ``</s>``=2 eos,
-    ``<unk>``=3), loaded offline as ``transformers.PreTrainedTokenizerFast``. It has no chat template,
-    so :func:`tokenize_pairs` uses the plain template."""
+def fixture_tokenizer_path(name: str = "pku_tiny") -> Path:
+    """Folder of the tokenizer of fixture ``name`` (``pku_tiny`` uses the shared ``fixtures/tokenizer``)."""
+    fixture_path(name)  # validates the name
+    return FIXTURES_DIR / "tokenizer" if name == "pku_tiny" else FIXTURES_DIR / name / "tokenizer"
+
+
+def load_fixture_tokenizer(name: str = "pku_tiny"):
+    """The committed tokenizer of fixture ``name``, loaded offline as ``transformers.PreTrainedTokenizerFast``
+    (BPE; ``<pad>``=0, ``<s>``=1 prepended, ``</s>``=2 eos, ``<unk>``=3). ``pku_tiny``: 448 tokens;
+    ``pku_long``: 1024 tokens. No chat template, so :func:`tokenize_pairs` uses the plain template."""
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast.from_pretrained(str(FIXTURES_DIR / "tokenizer"))
+    return PreTrainedTokenizerFast.from_pretrained(str(fixture_tokenizer_path(name)))
 
 
 def _split_of(path: Path, root: Path) -> str | None:
@@ -87,16 +96,107 @@ def _local_data_files(path: Path, split: str) -> tuple[str, list[str], str | Non
     raise ValueError(f"split: {split!r} not found in folder {str(path)!r}; its files name the splits {named}")
 
 
+def _check_utf8(path: str, chunk_bytes: int = 1 << 24) -> None:
+    """ValueError naming ``path``, the line and the byte offset of the first byte that is not UTF-8."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 1
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_bytes)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as bad:
+                pos = min(max(bad.start, 0), len(chunk) - 1) if chunk else 0
+                line = lines + chunk[:pos].count(b"\n")
+                byte = f"{chunk[pos]:#04x}" if chunk else "(truncated sequence at end of file)"
+                raise ValueError(
+                    f"source: file {path!r} is not UTF-8 text (invalid byte {byte} at line {line}, "
+                    f"byte offset {offset + pos}): save it as UTF-8 JSON lines"
+                ) from None
+            if not chunk:
+                return
+            lines += chunk.count(b"\n")
+            offset += len(chunk)
+
+
+def _parses_as_json(text: str) -> bool:
+    import json
+
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _diagnose_local_files(builder: str, files: list[str], err: BaseException) -> ValueError:
+    """A ValueError naming the file and, for JSON, the line (row) that ``datasets`` failed to read."""
+    import json
+
+    for f in files:
+        data = Path(f).read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            line = data[: bad.start].count(b"\n") + 1
+            return ValueError(f"source: file {f!r} is not UTF-8 text (invalid byte {data[bad.start]:#04x} at "
+                              f"line {line}, byte offset {bad.start}): save it as UTF-8 JSON lines")
+        if builder != "json":
+            continue
+        if not text.strip():
+            return ValueError(f"source: file {f!r} has no rows (only whitespace / blank lines)")
+        stripped = text.lstrip()
+        if stripped.startswith("["):
+            try:
+                doc = json.loads(text)
+            except json.JSONDecodeError as bad:
+                return ValueError(f"source: file {f!r} is not valid JSON: {bad.msg} at line {bad.lineno}, "
+                                  f"column {bad.colno}")
+            if isinstance(doc, list) and not doc:
+                return ValueError(f"source: file {f!r} has no rows (an empty JSON list)")
+            if isinstance(doc, list):
+                for i, row in enumerate(doc):
+                    if not isinstance(row, dict):
+                        return ValueError(f"source: file {f!r}, row {i}: expected a JSON object, got "
+                                          f"{type(row).__name__}")
+            continue
+        keys = None
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as bad:
+                if keys is None and _parses_as_json(text):  # one JSON document over several lines
+                    break
+                return ValueError(f"source: file {f!r}, line {lineno}: not valid JSON ({bad.msg} at column "
+                                  f"{bad.colno}): {line[:80]!r}")
+            if not isinstance(row, dict):
+                return ValueError(f"source: file {f!r}, line {lineno}: expected a JSON object per line, got "
+                                  f"{type(row).__name__}")
+            if keys is None:
+                keys = set(row)
+            elif set(row) != keys:
+                return ValueError(f"source: file {f!r}, line {lineno}: columns {sorted(row)} differ from the first "
+                                  f"row's {sorted(keys)}")
+    names = ", ".join(repr(f) for f in files)
+    return ValueError(f"source: could not read {names} with the datasets {builder!r} builder: "
+                      f"{type(err).__name__}: {err}")
+
+
 def _read_raw(source: str, split: str, name: str | None, load_kwargs: dict[str, Any]):
     """(dataset, resolved description, notes) -- the only place that calls ``datasets.load_dataset``."""
     import datasets
 
     notes: list[str] = []
     if source.startswith("fixture:"):
-        path = fixture_path(source.split(":", 1)[1])
-        files = {s: str(path / f"{s}.jsonl") for s in ("train", "test")}
+        fixture = source.split(":", 1)[1]
+        path = fixture_path(fixture)
+        files = {s: str(path / f"{s}.jsonl") for s in FIXTURE_SPLITS[fixture]}
         if split not in files:
-            raise ValueError(f"split: the fixture has splits ['train', 'test'], got {split!r}")
+            raise ValueError(f"split: the fixture {fixture!r} has splits {list(files)}, got {split!r}")
         ds = datasets.load_dataset("json", data_files={split: files[split]}, split=split, **load_kwargs)
         return ds, f"json:{files[split]}", notes
     path = Path(source).expanduser()
@@ -106,7 +206,15 @@ def _read_raw(source: str, split: str, name: str | None, load_kwargs: dict[str, 
         builder, files, note = _local_data_files(path, split)
         if note:
             notes.append(note)
-        ds = datasets.load_dataset(builder, data_files={split: files}, split=split, **load_kwargs)
+        for f in files:
+            if Path(f).stat().st_size == 0:
+                raise ValueError(f"source: file {f!r} is empty (0 bytes): expected rows of preference pairs")
+            if builder == "json":
+                _check_utf8(f)  # datasets would read a stray Latin-1 byte without a word
+        try:
+            ds = datasets.load_dataset(builder, data_files={split: files}, split=split, **load_kwargs)
+        except Exception as err:  # datasets' errors name neither file nor row: find them
+            raise _diagnose_local_files(builder, files, err) from err
         return ds, f"{builder}:{','.join(files)}", notes
     looks_local = source.startswith((".", "/", "~")) or Path(source).suffix.lower() in LOCAL_FORMATS
     if looks_local or source.count("/") != 1:

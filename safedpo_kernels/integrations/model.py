@@ -33,30 +33,18 @@ import torch
 from torch import nn
 
 from safedpo_kernels.fused import packed_sequence_logps, sequence_logps
+from safedpo_kernels.integrations.heads import OutputHead, output_head, unwrap_model
 from safedpo_kernels.logprobs import linear_logprobs
 
-#: Config fields that change the logits after ``lm_head`` (our kernels compute plain
-#: ``hidden @ W.T + b``); a model that sets one of them is refused rather than trained wrongly.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                     "logits_scaling")
-
-
 class HiddenStatesAndHead(NamedTuple):
-    """``hidden`` (rows, T, H) final hidden states; ``weight`` (V, H) and ``bias`` (V,) or None of lm_head."""
+    """``hidden`` (rows, T, H) final hidden states, and the output head (see :class:`OutputHead`):
+    ``weight`` (V, H), ``bias`` (V,) or None, ``logit_scale`` (float), ``softcap`` (float or None)."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / DataParallel / accelerate ``.module`` wrappers and a PEFT wrapper (-> base model)."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    get_base = getattr(model, "get_base_model", None)
-    if callable(get_base) and hasattr(model, "peft_config"):
-        model = get_base()
-    return model
+    logit_scale: float = 1.0
+    softcap: float | None = None
 
 
 def get_backbone(model: nn.Module) -> nn.Module:
@@ -78,50 +66,6 @@ def get_backbone(model: nn.Module) -> nn.Module:
     return decoder
 
 
-def _check_unsharded(name: str, t: torch.Tensor) -> None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        DTensor = ()  # noqa: N806
-    if isinstance(t, DTensor):
-        raise RuntimeError(
-            f"{name} is a sharded DTensor (FSDP2): the lm_head weight may only be used inside the forward of "
-            "the FSDP root module. Wrap the LM in safedpo_kernels.integrations.SequenceLogpsModel, "
-            "fully_shard each decoder layer and then the wrapper, and call the wrapper (see RECIPE_NOTES)."
-        )
-    if t.numel() == 0 or (name.endswith("weight") and t.dim() != 2):
-        raise RuntimeError(
-            f"{name} has shape {tuple(t.shape)}: the parameter looks partitioned (DeepSpeed ZeRO-3?); "
-            "use it only inside the root module's forward, where it is gathered."
-        )
-
-
-def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(weight (V, H), bias (V,) or None)`` of the output embedding (lm_head).
-
-    With tied embeddings this is the input-embedding Parameter itself, so gradients from the loss
-    and from the embedding lookup accumulate on one tensor. Raises ValueError for models whose logits
-    are rescaled or soft-capped after lm_head (Gemma-2 softcapping, Cohere ``logit_scale``, ...).
-    """
-    lm = unwrap_model(model)
-    head = lm.get_output_embeddings() if callable(getattr(lm, "get_output_embeddings", None)) else None
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise TypeError(f"model: expected a causal LM with an output embedding (lm_head), got {type(lm).__name__}")
-    config = getattr(lm, "config", None)
-    if config is not None:
-        text_config = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
-        for field in _LOGIT_TRANSFORMS:
-            value = getattr(text_config, field, None)
-            if value is not None and value != 1.0:
-                raise ValueError(
-                    f"model.config.{field}={value!r}: the fused log-probs compute plain hidden @ lm_head.weight.T; "
-                    "models that rescale or soft-cap their logits are not supported"
-                )
-    weight, bias = head.weight, getattr(head, "bias", None)
-    _check_unsharded("lm_head.weight", weight)
-    return weight, bias
-
-
 def hidden_states_and_head_weight(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -136,17 +80,20 @@ def hidden_states_and_head_weight(
         model_kwargs: passed to the backbone (``position_ids``, ...); ``use_cache`` is forced off.
 
     Returns:
-        ``HiddenStatesAndHead(hidden (rows, T, H) in the model dtype, weight (V, H), bias (V,) or None)``.
+        ``HiddenStatesAndHead(hidden (rows, T, H) in the model dtype, weight (V, H), bias (V,) or None,
+        logit_scale, softcap)``: pass all of them on (``linear_logprobs(hidden, weight, labels,
+        bias=bias, logit_scale=logit_scale, softcap=softcap)``); for Gemma 2, Cohere, Granite... the
+        raw ``lm_head.weight`` alone gives a wrong loss (see ``integrations.heads``).
 
     FSDP2 / DeepSpeed ZeRO-3: call this only inside the forward of the root module (see the module
     docstring); outside it the weight is sharded and this raises RuntimeError.
     """
-    weight, bias = output_head(model)
+    head = output_head(model)
     backbone = get_backbone(model)
     model_kwargs["use_cache"] = False
     out = backbone(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return HiddenStatesAndHead(hidden, weight, bias)
+    return HiddenStatesAndHead(hidden, *head)
 
 
 def _accepts(fn: Any, name: str) -> bool:
@@ -196,12 +143,16 @@ def causal_lm_sequence_logps(
     labels: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     ignore_index: int = -100,
     average: bool = False,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Sequence log-probs (rows,) float32 of HF-style labels from unshifted hidden states.
+
+    ``weight`` / ``bias`` / ``logit_scale`` / ``softcap``: the output head (:func:`output_head`).
 
     Padded layout: hidden (rows, T, H), labels (rows, T) aligned with ``input_ids``
     (``ignore_index`` on prompt and padding); ``hidden[:, :-1]`` predicts ``labels[:, 1:]`` and the
@@ -232,7 +183,7 @@ def causal_lm_sequence_logps(
     # the weight's dtype: its backward recomputes logits, which must match the forward's exactly.
     with torch.autocast(hidden.device.type, enabled=False):
         tok = linear_logprobs(hidden.to(weight.dtype), weight, target, bias=bias, ignore_index=ignore_index,
-                              impl=impl)
+                              logit_scale=logit_scale, softcap=softcap, impl=impl)
     if cu_seqlens is None:
         return sequence_logps(tok, target, ignore_index=ignore_index, average=average)
     return packed_sequence_logps(tok.reshape(-1), target.reshape(-1), cu_seqlens, ignore_index=ignore_index,
@@ -273,7 +224,7 @@ class SequenceLogpsModel(nn.Module):
         attention_mask, ``cu_seqlens`` (S + 1,) -> (S,)."""
         if labels is None:
             raise ValueError("labels: expected (rows, T) HF-style labels with ignore_index on prompt and padding")
-        hidden, weight, bias = hidden_states_and_head_weight(self.lm, input_ids, attention_mask, **model_kwargs)
-        return causal_lm_sequence_logps(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens,
-                                        ignore_index=self.ignore_index, average=self.average_log_prob,
-                                        impl=self.impl)
+        out = hidden_states_and_head_weight(self.lm, input_ids, attention_mask, **model_kwargs)
+        return causal_lm_sequence_logps(out.hidden, out.weight, labels, bias=out.bias, logit_scale=out.logit_scale,
+                                        softcap=out.softcap, cu_seqlens=cu_seqlens, ignore_index=self.ignore_index,
+                                        average=self.average_log_prob, impl=self.impl)

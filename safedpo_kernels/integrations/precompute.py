@@ -30,11 +30,13 @@ def reference_sequence_logps(
     device = next(ref_model.parameters()).device
     extra = {} if batch.get("position_ids") is None else {"position_ids": batch["position_ids"].to(device)}
     mask = batch.get("attention_mask")
-    hidden, weight, bias = hidden_states_and_head_weight(
+    out = hidden_states_and_head_weight(
         ref_model, batch["input_ids"].to(device), None if mask is None else mask.to(device), **extra
     )
-    seq = causal_lm_sequence_logps(hidden, weight, batch["labels"], bias=bias, cu_seqlens=batch.get("cu_seqlens"),
-                                   ignore_index=ignore_index, average=average_log_prob, impl=impl)
+    seq = causal_lm_sequence_logps(out.hidden, out.weight, batch["labels"], bias=out.bias,
+                                   logit_scale=out.logit_scale, softcap=out.softcap,
+                                   cu_seqlens=batch.get("cu_seqlens"), ignore_index=ignore_index,
+                                   average=average_log_prob, impl=impl)
     b = seq.shape[0] // 2
     return seq[:b], seq[b:]
 

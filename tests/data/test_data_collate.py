@@ -120,3 +120,34 @@ def test_tensor_rows_work():
     a = PaddedPairCollator(0)([row])
     b = PaddedPairCollator(0)([_row(2, 3, 2)])
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize("collator", [PaddedPairCollator(0), PackedPairCollator()], ids=["padded", "packed"])
+@pytest.mark.parametrize(
+    "column, value, message",
+    [
+        ("chosen_input_ids", [10, 11.0, 110, 111], r"rows\[0\]\.chosen_input_ids\[1\]: expected an integer token id, got 11\.0"),
+        ("rejected_input_ids", [10, 11, -3, 211], r"rows\[0\]\.rejected_input_ids\[2\]: expected a token id >= 0, got -3"),
+        ("chosen_labels", [IGNORE, IGNORE, 110, -5], r"rows\[0\]\.chosen_labels\[3\]: expected a token id >= 0 or -100"),
+        ("chosen_input_ids", [10, True, 110, 111], r"chosen_input_ids\[1\]: expected an integer token id, got True"),
+        ("chosen_input_ids", [10, "11", 110, 111], r"chosen_input_ids\[1\]: expected an integer token id"),
+        ("chosen_input_ids", torch.tensor([10.0, 11.0, 110.0, 111.0]), r"chosen_input_ids: expected a 1-D integer"),
+        ("chosen_input_ids", torch.tensor([10, 11, -1, 111]), r"chosen_input_ids\[2\]: expected a token id >= 0"),
+    ],
+)
+def test_token_ids_must_be_nonnegative_integers(collator, column, value, message):
+    row = _row(2, 2, 2)
+    row[column] = value
+    with pytest.raises(ValueError, match=message):
+        collator([row])
+
+
+def test_numpy_integer_ids_are_accepted_and_numpy_floats_refused():
+    np = pytest.importorskip("numpy")
+    row = {k: (np.asarray(v) if isinstance(v, list) else v) for k, v in _row(2, 3, 2).items()}
+    a = PaddedPairCollator(0)([row])
+    b = PaddedPairCollator(0)([_row(2, 3, 2)])
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    row["rejected_input_ids"] = row["rejected_input_ids"].astype(np.float32)
+    with pytest.raises(ValueError, match=r"rows\[0\]\.rejected_input_ids: .*NumPy array of dtype float32"):
+        PaddedPairCollator(0)([row])

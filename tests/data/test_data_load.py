@@ -247,3 +247,40 @@ def test_value_parsers():
     for bad, reason in ((None, "missing text"), ("", "empty text"), ("\n ", "empty text"), (3, "not a string")):
         with pytest.raises(RowError, match=f"t: {reason}"):
             as_text(bad, "t")
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.jsonl", b"", r"empty\.jsonl' is empty \(0 bytes\)"),
+        ("blank.jsonl", b"\n  \n\n", r"blank\.jsonl' has no rows \(only whitespace"),
+        ("latin1.jsonl", b'{"prompt": "caf\xe9"}\n', r"latin1\.jsonl' is not UTF-8 text \(invalid byte 0xe9 at line 1"),
+        ("broken.jsonl", b'{"prompt": "a"}\n{"prompt": "b", }\n', r"broken\.jsonl', line 2: not valid JSON"),
+        ("cut.jsonl", b'{"prompt": "a", "response_0": "b"\n', r"cut\.jsonl', line 1: not valid JSON"),
+        ("scalar.jsonl", b'{"prompt": "a"}\n3\n', r"scalar\.jsonl', line 2: expected a JSON object per line"),
+        ("empty.json", b"[]", r"empty\.json' has no rows \(an empty JSON list\)"),
+        ("empty.parquet", b"", r"empty\.parquet' is empty \(0 bytes\)"),
+    ],
+)
+def test_unreadable_local_files_name_file_and_row(tmp_path, hf_cache, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        load_pairs(str(path), **hf_cache)
+
+
+def test_unreadable_file_in_a_folder_is_named(tmp_path, hf_cache):
+    write_jsonl(tmp_path / "data" / "train-0.jsonl", [pku_row()])
+    (tmp_path / "data" / "train-1.jsonl").write_bytes(b'{"prompt": "a"}\n{oops}\n')
+    with pytest.raises(ValueError, match=r"train-1\.jsonl', line 2: not valid JSON"):
+        load_pairs(str(tmp_path / "data"), **hf_cache)
+
+
+def test_pku_long_fixture_splits_load():
+    for split, n in (("train", 728), ("validation", 88), ("test", 88)):
+        ds, report = load_pairs("fixture:pku_long", split=split)
+        assert len(ds) == n and report.rows_kept == n
+    with pytest.raises(ValueError, match=r"split: the fixture 'pku_long' has splits \['train', 'validation', 'test'\]"):
+        load_pairs("fixture:pku_long", split="dev")
+    with pytest.raises(ValueError, match=r"split: the fixture 'pku_tiny' has splits \['train', 'test'\]"):
+        load_pairs("fixture:pku_tiny", split="validation")

@@ -72,8 +72,8 @@ def worker(rank: int, port: int, out_path: str) -> None:
     # DDP: the Trainer/TRL path (root forward with logits_to_keep=1, weight read outside).
     ddp = DDP(make_lm())
     hidden = forward_hidden_states(ddp, batch["input_ids"], batch["attention_mask"])
-    weight, bias = output_head(ddp)
-    loss_of(causal_lm_sequence_logps(hidden, weight, batch["labels"], bias=bias), batch).backward()
+    head = output_head(ddp)
+    loss_of(causal_lm_sequence_logps(hidden, head.weight, batch["labels"], bias=head.bias), batch).backward()
     ddp_grads = full_grads(ddp)
     # FSDP2: the documented root wrapper.
     wrapper = SequenceLogpsModel(make_lm())

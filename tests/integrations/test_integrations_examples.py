@@ -26,6 +26,7 @@ def test_docs_show_the_example_verbatim(name):
 def test_example_runs(name, tmp_path, monkeypatch, capsys):
     if name == "safedpo_trl":
         pytest.importorskip("trl")
+        pytest.importorskip("peft")
     monkeypatch.chdir(tmp_path)
     scope = runpy.run_path(str(ROOT / "examples" / f"{name}.py"), run_name="__main__")
     out = capsys.readouterr().out
@@ -35,3 +36,6 @@ def test_example_runs(name, tmp_path, monkeypatch, capsys):
     else:
         assert scope["trainer"].state.global_step == 4
         assert (tmp_path / scope["config"].output_dir).is_dir()
+    if name == "safedpo_trl":  # LoRA: only the adapters trained
+        trained = [n for n, p in scope["trainer"].model.named_parameters() if p.requires_grad]
+        assert trained and all("lora_" in n for n in trained)

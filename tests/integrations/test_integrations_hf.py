@@ -18,7 +18,7 @@ from _integration_helpers import (
 )
 
 from safedpo_kernels.integrations import add_reference_logps
-from safedpo_kernels.integrations.hf import SafeDPOConfig, SafeDPOTrainer
+from safedpo_kernels.integrations import SafeDPOHFConfig, SafeDPOHFTrainer
 
 SPEC_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected", "safety/safe_vs_unsafe_frac", "pairs/kept", "pairs/swapped", "pairs/dropped")
@@ -29,7 +29,7 @@ def _config(tmp_path, **kw):
                 learning_rate=1e-3, report_to="none", save_strategy="no", use_cpu=True, beta=BETA, delta=DELTA,
                 disable_tqdm=True)
     base.update(kw)
-    return SafeDPOConfig(**base)
+    return SafeDPOHFConfig(**base)
 
 
 def test_trains_with_precomputed_or_live_reference_identically(tmp_path, tiny_pair, tokenized, collator, tokenizer):
@@ -37,10 +37,10 @@ def test_trains_with_precomputed_or_live_reference_identically(tmp_path, tiny_pa
     data = tokenized.select(range(8))
     before = policy.lm_head.weight.detach().clone()
     with_refs = add_reference_logps(data, ref, collator, batch_size=4, progress=False)
-    pre = SafeDPOTrainer(policy, _config(tmp_path / "pre"), train_dataset=with_refs, processing_class=tokenizer)
+    pre = SafeDPOHFTrainer(policy, _config(tmp_path / "pre"), train_dataset=with_refs, processing_class=tokenizer)
     pre.train()
     # The live run also checkpoints activations: the captured hidden states must not change.
-    live = SafeDPOTrainer(copy.deepcopy(ref).requires_grad_(True),
+    live = SafeDPOHFTrainer(copy.deepcopy(ref).requires_grad_(True),
                           _config(tmp_path / "live", activation_checkpointing=True), ref_model=ref,
                           train_dataset=data, processing_class=tokenizer)
     live.train()
@@ -61,7 +61,7 @@ def test_trains_with_precomputed_or_live_reference_identically(tmp_path, tiny_pa
 def test_loss_and_gradients_equal_eager_float64(tmp_path, tokenizer, tokenized, collator, seed):
     policy = make_llama(len(tokenizer), seed=seed, dtype=torch.float64, tied=True)
     ref = make_llama(len(tokenizer), seed=seed + 1, dtype=torch.float64, tied=True).requires_grad_(False)
-    trainer = SafeDPOTrainer(policy, _config(tmp_path), ref_model=ref, train_dataset=tokenized,
+    trainer = SafeDPOHFTrainer(policy, _config(tmp_path), ref_model=ref, train_dataset=tokenized,
                              processing_class=tokenizer)
     batch = collator([tokenized[i] for i in range(5, 11)])
     assert batch["chosen_unsafe"].any() and batch["rejected_unsafe"].any()
@@ -89,8 +89,8 @@ def test_loss_and_gradients_equal_eager_float64(tmp_path, tokenizer, tokenized, 
 def test_peak_memory_below_eager_logits(tmp_path, tokenizer, tokenized, collator):
     """V = 32000 with a tiny hidden size: the per-step peak is dominated by what the loss allocates."""
     policy = make_llama(32000, hidden=16, layers=1)
-    trainer = SafeDPOTrainer(policy, _config(tmp_path), train_dataset=tokenized, processing_class=tokenizer)
     rows = add_reference_logps(tokenized.select(range(8)), policy, collator, batch_size=8, progress=False)
+    trainer = SafeDPOHFTrainer(policy, _config(tmp_path), train_dataset=rows, processing_class=tokenizer)
     batch = collator(list(rows))
     policy.train()
 
@@ -113,21 +113,43 @@ def test_peak_memory_below_eager_logits(tmp_path, tokenizer, tokenized, collator
     assert peaks["fused"] < peaks["eager"] - logits_bytes
 
 
-def test_bad_arguments(tmp_path, tiny_pair, tokenized, tokenizer, collator):
+def test_bad_arguments(tmp_path, tiny_pair, tokenized, tokenizer, collator, pairs):
     policy, ref = tiny_pair
-    with pytest.raises(TypeError, match="SafeDPOConfig"):
-        from transformers import TrainingArguments
+    from transformers import TrainingArguments
 
-        SafeDPOTrainer(policy, TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    with pytest.raises(TypeError, match="takes a SafeDPOHFConfig, got transformers.training_args.TrainingArguments"):
+        SafeDPOHFTrainer(policy, TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    trl = pytest.importorskip("trl")
+    with pytest.raises(TypeError, match="For TRL's DPOConfig use safedpo_kernels.integrations.SafeDPOTrainer"):
+        SafeDPOHFTrainer(policy, trl.DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True))
     with pytest.raises(ValueError, match="beta"):
         _config(tmp_path, beta=0.0)
-    with pytest.raises(ValueError, match="ref_model"):
-        SafeDPOTrainer(policy, _config(tmp_path), ref_model=policy, train_dataset=tokenized)
-    trainer = SafeDPOTrainer(policy, _config(tmp_path), train_dataset=tokenized, processing_class=tokenizer)
+    with pytest.raises(ValueError, match="loss_type"):
+        _config(tmp_path, loss_type="aot")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        _config(tmp_path, loss_type="hinge", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        _config(tmp_path, rpo_alpha=-1.0)
+    with pytest.raises(ValueError, match="ref_model: expected a separate"):
+        SafeDPOHFTrainer(policy, _config(tmp_path), ref_model=policy, train_dataset=tokenized)
+    # Everything that can be checked is checked at construction, not at the first step.
+    with pytest.raises(ValueError, match="train_dataset: no reference"):
+        SafeDPOHFTrainer(policy, _config(tmp_path), train_dataset=tokenized, processing_class=tokenizer)
+    with pytest.raises(ValueError, match="train_dataset: expected tokenized pairs"):
+        SafeDPOHFTrainer(policy, _config(tmp_path), ref_model=ref, train_dataset=pairs, processing_class=tokenizer)
+    with pytest.raises(ValueError, match=r"eval_dataset: missing unsafe-flag columns \['chosen_unsafe'\]"):
+        SafeDPOHFTrainer(policy, _config(tmp_path), ref_model=ref, train_dataset=tokenized,
+                         eval_dataset=tokenized.remove_columns(["chosen_unsafe"]), processing_class=tokenizer)
+    gemma_like = make_llama(len(tokenizer))
+    gemma_like.config.final_logit_softcapping = 30.0  # a transform on an unlisted class: refused up front
+    with pytest.raises(ValueError, match="model: model.config.final_logit_softcapping"):
+        SafeDPOHFTrainer(gemma_like, _config(tmp_path), ref_model=ref, train_dataset=tokenized,
+                         processing_class=tokenizer)
+    with pytest.raises(ImportError, match="renamed SafeDPOHFTrainer"):
+        from safedpo_kernels.integrations.hf import SafeDPOTrainer  # noqa: F401
+    trainer = SafeDPOHFTrainer(policy, _config(tmp_path, reference_free=True), train_dataset=tokenized,
+                               processing_class=tokenizer)
     batch = collator([tokenized[i] for i in range(2)])
-    with pytest.raises(ValueError, match="ref_model"):
-        trainer.compute_loss(policy, batch)
     del batch["chosen_unsafe"]
-    batch["ref_chosen_logps"] = batch["ref_rejected_logps"] = torch.zeros(2)
     with pytest.raises(ValueError, match="chosen_unsafe"):
         trainer.compute_loss(policy, batch)

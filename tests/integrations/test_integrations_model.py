@@ -33,7 +33,9 @@ def _batch(collator, tokenized, start, n):
 def test_helper_matches_eager_logits_float64(tied, tokenizer, tokenized, collator, seed):
     lm = make_llama(len(tokenizer), tied=tied, seed=seed, dtype=torch.float64)
     batch = _batch(collator, tokenized, 3, 5)  # 5 pairs: an odd row count
-    hidden, weight, bias = hidden_states_and_head_weight(lm, batch["input_ids"], batch["attention_mask"])
+    hidden, weight, bias, logit_scale, softcap = hidden_states_and_head_weight(lm, batch["input_ids"],
+                                                                               batch["attention_mask"])
+    assert (logit_scale, softcap) == (1.0, None)
     assert hidden.shape == (*batch["input_ids"].shape, lm.config.hidden_size) and bias is None
     assert weight is lm.lm_head.weight
     assert (weight is lm.model.embed_tokens.weight) == tied

@@ -22,19 +22,23 @@ from _integration_helpers import (
 
 pytest.importorskip("trl")
 
-from safedpo_kernels.integrations.trl import SafeDPOConfig, SafeDPOTrainer  # noqa: E402
+from trl import DPOConfig, DPOTrainer  # noqa: E402
+
+from safedpo_kernels.integrations import SafeDPOTrainer  # noqa: E402
+from safedpo_kernels.integrations.trl import SafeDPOConfig  # noqa: E402
 
 TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                "logps/rejected", "num_tokens")
 SAFETY_METRICS = ("safety/safe_vs_unsafe_frac", "pairs/kept", "pairs/swapped", "pairs/dropped")
 
 
-def _config(tmp_path, **kw):
+def _config(tmp_path, cls=DPOConfig, **kw):
+    """A plain trl.DPOConfig (the SafeDPO options are trainer keywords), or SafeDPOConfig with cls=."""
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, logging_steps=1,
-                learning_rate=1e-3, report_to="none", save_strategy="no", use_cpu=True, beta=BETA, delta=DELTA,
-                max_length=64, disable_tqdm=True, dataset_num_proc=None)
+                learning_rate=1e-3, report_to="none", save_strategy="no", use_cpu=True, beta=BETA,
+                max_length=64, disable_tqdm=True, dataset_num_proc=None, bf16=False)
     base.update(kw)
-    return SafeDPOConfig(**base)
+    return cls(**base)
 
 
 def _first_batch(trainer):
@@ -50,10 +54,12 @@ def test_trains_with_precomputed_or_live_reference_identically(tmp_path, tiny_pa
     data = pairs.select(range(8))
     before = policy.lm_head.weight.detach().clone()
     pre = SafeDPOTrainer(policy, args=_config(tmp_path / "pre", precompute_ref_log_probs=True),
-                         train_dataset=data, processing_class=tokenizer)
+                         train_dataset=data, processing_class=tokenizer, delta=DELTA)
     assert pre.ref_model is None and {"ref_chosen_logps", "chosen_unsafe"} <= set(pre.train_dataset.column_names)
     pre.train()
-    live = SafeDPOTrainer(copy.deepcopy(ref).requires_grad_(True), ref_model=ref, args=_config(tmp_path / "live"),
+    # SafeDPOConfig carries the same options as fields.
+    live = SafeDPOTrainer(copy.deepcopy(ref).requires_grad_(True), ref_model=ref,
+                          args=_config(tmp_path / "live", cls=SafeDPOConfig, delta=DELTA),
                           train_dataset=data, processing_class=tokenizer)
     live.train()
     logs_pre = [h for h in pre.state.log_history if "rewards/chosen" in h]
@@ -78,7 +84,7 @@ def test_loss_and_gradients_equal_eager_float64(tmp_path, tokenizer, pairs, seed
     policy = make_llama(len(tokenizer), seed=seed, dtype=torch.float64, tied=True)
     ref = make_llama(len(tokenizer), seed=seed + 1, dtype=torch.float64, tied=True).requires_grad_(False)
     trainer = SafeDPOTrainer(policy, ref_model=ref, args=_config(tmp_path, per_device_train_batch_size=6),
-                             train_dataset=pairs, processing_class=tokenizer)
+                             train_dataset=pairs, processing_class=tokenizer, delta=DELTA)
     batch = _first_batch(trainer)
     assert batch["chosen_unsafe"].dtype == torch.bool and batch["chosen_unsafe"].shape == (6,)
     policy.train()
@@ -101,7 +107,7 @@ def test_peak_memory_below_eager_logits(tmp_path, tokenizer, pairs):
     policy = make_llama(32000, hidden=16, layers=1, pad_token_id=tokenizer.pad_token_id)
     ref = copy.deepcopy(policy).requires_grad_(False)
     trainer = SafeDPOTrainer(policy, ref_model=ref, args=_config(tmp_path, per_device_train_batch_size=8),
-                             train_dataset=pairs, processing_class=tokenizer)
+                             train_dataset=pairs, processing_class=tokenizer, delta=DELTA)
     batch = _first_batch(trainer)
     eager_batch = {**batch, "labels": _labels(batch)}
     with torch.no_grad():
@@ -128,22 +134,47 @@ def test_peak_memory_below_eager_logits(tmp_path, tokenizer, pairs):
     assert peaks["fused"] < peaks["eager"] - logits_bytes
 
 
-def test_bad_arguments(tmp_path, tiny_pair, pairs, tokenizer):
+def test_bad_arguments(tmp_path, tiny_pair, pairs, tokenizer, tokenized):
     policy, ref = tiny_pair
+    kw = dict(train_dataset=pairs, processing_class=tokenizer)
+    with pytest.raises(ValueError, match="args.ld_alpha"):
+        SafeDPOTrainer(policy, ref, _config(tmp_path, ld_alpha=0.5), **kw)
     with pytest.raises(ValueError, match="loss_type"):
-        _config(tmp_path, loss_type="hinge")
-    with pytest.raises(ValueError, match="ld_alpha"):
-        _config(tmp_path, ld_alpha=0.5)
+        SafeDPOTrainer(policy, ref, _config(tmp_path, loss_type="aot"), **kw)
     with pytest.raises(ValueError, match="delta"):
-        _config(tmp_path, delta=-1.0)
-    with pytest.raises(ValueError, match="chosen_unsafe"):
-        SafeDPOTrainer(policy, ref_model=ref, args=_config(tmp_path),
-                       train_dataset=pairs.remove_columns(["chosen_unsafe"]), processing_class=tokenizer)
-    from trl import DPOConfig
+        SafeDPOTrainer(policy, ref, _config(tmp_path), delta=-1.0, **kw)
+    with pytest.raises(ValueError, match="delta: the trainer keyword"):
+        SafeDPOTrainer(policy, ref, _config(tmp_path, cls=SafeDPOConfig, delta=3.0), delta=4.0, **kw)
+    with pytest.raises(ValueError, match=r"train_dataset: missing unsafe-flag columns \['chosen_unsafe'\]"):
+        SafeDPOTrainer(policy, ref, _config(tmp_path), train_dataset=pairs.remove_columns(["chosen_unsafe"]),
+                       processing_class=tokenizer)
+    values = [int(v) for v in pairs["chosen_unsafe"]]
+    values[3] = 2
+    bad_flags = pairs.remove_columns(["chosen_unsafe"]).add_column("chosen_unsafe", values)
+    with pytest.raises(ValueError, match="chosen_unsafe: not a bool or 0/1"):
+        SafeDPOTrainer(policy, ref, _config(tmp_path), train_dataset=bad_flags, processing_class=tokenizer)
+    with pytest.raises(ValueError, match="tokenize_pairs output"):
+        SafeDPOTrainer(policy, ref, _config(tmp_path), train_dataset=tokenized.remove_columns(
+            ["prompt", "chosen", "rejected"]), processing_class=tokenizer)
+    with pytest.raises(ValueError, match="ref_model: no reference"):
+        SafeDPOTrainer(policy, None, _config(tmp_path), **kw)
+    with pytest.raises(ValueError, match="prompt_template"):
+        SafeDPOTrainer(policy, ref, _config(tmp_path), prompt_template="no placeholder", **kw)
+    gemma_like = make_llama(len(tokenizer))
+    gemma_like.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="model: model.config.final_logit_softcapping"):
+        SafeDPOTrainer(gemma_like, ref, _config(tmp_path), **kw)
+    from transformers import TrainingArguments
 
-    with pytest.raises(TypeError, match="SafeDPOConfig"):
-        SafeDPOTrainer(policy, ref_model=ref, args=DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True),
-                       train_dataset=pairs, processing_class=tokenizer)
+    from safedpo_kernels.integrations import SafeDPOHFConfig
+
+    with pytest.raises(TypeError, match="SafeDPOHFConfig is the config of SafeDPOHFTrainer"):
+        SafeDPOTrainer(policy, ref, SafeDPOHFConfig(output_dir=str(tmp_path), report_to="none"), **kw)
+    with pytest.raises(TypeError, match="takes a trl.DPOConfig"):
+        SafeDPOTrainer(policy, ref, TrainingArguments(output_dir=str(tmp_path), report_to="none"), **kw)
+    # The HF Trainer call pasted into the TRL class (config second = ref_model slot) fails clearly too.
+    with pytest.raises(TypeError, match="ref_model: expected a frozen reference model .* got DPOConfig"):
+        SafeDPOTrainer(policy, _config(tmp_path), **kw)
 
 
 def test_optional_dependency_message():
@@ -167,7 +198,7 @@ def test_trains_under_trl_default_bf16_autocast(tmp_path, tiny_pair, pairs, toke
     """TRL defaults to bf16=True (autocast): the fused head runs outside autocast and training works."""
     policy, ref = tiny_pair
     trainer = SafeDPOTrainer(policy, ref_model=ref, args=_config(tmp_path, bf16=True, max_steps=1),
-                             train_dataset=pairs.select(range(4)), processing_class=tokenizer)
+                             train_dataset=pairs.select(range(4)), processing_class=tokenizer, delta=DELTA)
     trainer.train()
     log = next(h for h in trainer.state.log_history if "rewards/chosen" in h)
     assert math.isfinite(log["loss"]) and 0 < log["loss"] < 20
