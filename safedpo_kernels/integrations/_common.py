@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from safedpo_kernels._checks import IMPLS, check_beta_delta, check_choice, check_ignore_index
-from safedpo_kernels.integrations.heads import output_head, unwrap_model
+from safedpo_kernels.integrations.heads import output_head, strip_wrappers, unwrap_model
 from safedpo_kernels.integrations.model import causal_lm_sequence_logps, forward_hidden_states
 from safedpo_kernels.losses import (
     AVERAGED_LOSS_TYPES,
@@ -250,9 +250,7 @@ def safedpo_objective(
 def peft_reference(model: nn.Module) -> Iterator[None]:
     """The reference of a PEFT policy: its "ref" adapter when it has one (TRL's copy of a loaded
     adapter), else the policy with adapters disabled (the base model)."""
-    peft_model = model
-    while isinstance(getattr(peft_model, "module", None), nn.Module):
-        peft_model = peft_model.module
+    peft_model = strip_wrappers(model)
     if "ref" in getattr(peft_model, "peft_config", {}):
         previous = peft_model.active_adapter
         peft_model.set_adapter("ref")
@@ -266,8 +264,8 @@ def peft_reference(model: nn.Module) -> Iterator[None]:
 
 
 def is_peft_model(model: nn.Module) -> bool:
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
+    """A ``peft.PeftModel`` (possibly inside DDP / accelerate wrappers)."""
+    model = strip_wrappers(model)
     return hasattr(model, "peft_config") and callable(getattr(model, "disable_adapter", None))
 
 
@@ -341,6 +339,15 @@ class SafeDPOTrainerMixin:
 
     loss_is_scaled_for_ga = True
     _ignore_index = -100
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        trainers = [b for b in cls.__mro__ if b.__name__ == "Trainer" and b.__module__.startswith("transformers")]
+        if trainers and not hasattr(trainers[0], "_get_num_items_in_batch"):
+            raise ImportError(
+                f"{cls.__name__} needs a transformers.Trainer that counts items per optimizer step "
+                "(Trainer._get_num_items_in_batch, transformers >= 4.56): pip install -U transformers"
+            )
 
     def _labels(self, batch: Mapping[str, Any]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -90,10 +90,16 @@ _HEAD_TRANSFORMS: dict[str, Callable[[nn.Module], tuple[float, float | None]]] =
 }
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / DataParallel / accelerate ``.module`` wrappers and a PEFT wrapper (-> base model)."""
+def strip_wrappers(model: nn.Module) -> nn.Module:
+    """Strip DDP / DataParallel / accelerate ``.module`` wrappers (a PEFT model stays a PEFT model)."""
     while isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
+    return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP / DataParallel / accelerate ``.module`` wrappers and a PEFT wrapper (-> base model)."""
+    model = strip_wrappers(model)
     get_base = getattr(model, "get_base_model", None)
     if callable(get_base) and hasattr(model, "peft_config"):
         model = get_base()

@@ -174,6 +174,10 @@ class SafeDPOHFTrainer(SafeDPOTrainerMixin, Trainer):
             data_collator = _default_collator(model, processing_class, args.ignore_index)
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        if not _trainer_reads_loss_is_scaled_for_ga():
+            # Older transformers decide the accumulation scaling from these two attributes only (as TRL does).
+            self.model_accepts_loss_kwargs = False
+            self.compute_loss_func = "loss already scaled for gradient accumulation"
         self._ignore_index = self._objective.ignore_index
         self.ref_model = None
         if ref_model is not None:
@@ -241,6 +245,12 @@ class SafeDPOHFTrainer(SafeDPOTrainerMixin, Trainer):
         else:
             logs.update(self._safedpo_metrics.pop("train"))
         super().log(logs, start_time)
+
+
+def _trainer_reads_loss_is_scaled_for_ga() -> bool:
+    import inspect
+
+    return "loss_is_scaled_for_ga" in inspect.getsource(Trainer.training_step)
 
 
 def _describe(value: Any) -> str:

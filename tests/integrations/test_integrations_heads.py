@@ -33,6 +33,7 @@ FAMILIES = {
     "gemma4_text": (dict(final_logit_softcapping=2.0), (1.0, 2.0)),
     "vaultgemma": (dict(final_logit_softcapping=2.0), (1.0, 2.0)),
     "nanochat": (dict(final_logit_softcapping=2.0), (1.0, 2.0)),
+    "beam": (dict(final_logit_softcapping=2.0), (1.0, 2.0)),
     "recurrent_gemma": (dict(logits_soft_cap=2.0), (1.0, 2.0)),
     "cohere": (dict(logit_scale=4.0), (4.0, None)),
     "cohere2": (dict(logit_scale=4.0), (4.0, None)),
@@ -43,6 +44,8 @@ FAMILIES = {
     "granitemoehybrid": (dict(logits_scaling=0.25, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1,
                               layer_types=["mamba", "attention"]), (4.0, None)),
     "hyperclovax": (dict(logits_scaling=4.0), (4.0, None)),
+    "minicpm3": (dict(dim_model_base=128, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                      v_head_dim=8, num_key_value_heads=4), (4.0, None)),  # hidden / (32 / 128)
     "falcon_h1": (dict(lm_head_multiplier=4.0), (4.0, None)),
 }
 
