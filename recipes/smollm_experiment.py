@@ -242,6 +242,10 @@ def train(model, tokenizer, method: str, cfg: dict) -> dict[str, Any]:
     from safedpo_kernels.integrations import add_reference_logps, causal_lm_sequence_logps, hidden_states_and_head_weight
 
     data, info = _pairs_for(method, cfg, tokenizer)
+    # Only the pairs the steps will see (shuffled once): no reference pass over unused pairs.
+    used = min(len(data), cfg["steps"] * cfg["batch_pairs"])
+    data = data.shuffle(seed=cfg["seed"]).select(range(used))
+    info["pairs_used"] = used
     collate = PaddedPairCollator(tokenizer.pad_token_id)
     t0 = time.perf_counter()
     data = add_reference_logps(data, model, collate, batch_size=cfg["gen_batch_size"], progress=True)
@@ -254,7 +258,7 @@ def train(model, tokenizer, method: str, cfg: dict) -> dict[str, Any]:
     info["trainable_parameters"] = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg["seed"])
-    order: list[int] = []
+    order = list(range(len(data)))
     log = []
     model.train()
     t0 = time.perf_counter()
@@ -264,7 +268,8 @@ def train(model, tokenizer, method: str, cfg: dict) -> dict[str, Any]:
         idx, order = order[:cfg["batch_pairs"]], order[cfg["batch_pairs"]:]
         batch = collate([data[i] for i in idx])
         hs = hidden_states_and_head_weight(model, batch["input_ids"], batch["attention_mask"])
-        logps = causal_lm_sequence_logps(hs.hidden, hs.weight, batch["labels"], bias=hs.bias)
+        logps = causal_lm_sequence_logps(hs.hidden, hs.weight, batch["labels"], bias=hs.bias,
+                                         logit_scale=hs.logit_scale, softcap=hs.softcap)
         b = logps.shape[0] // 2
         refs = (batch["ref_chosen_logps"], batch["ref_rejected_logps"])
         if METHODS[method][1] == "safedpo":
@@ -339,7 +344,8 @@ def write_markdown(results: dict, path: Path, cfg: dict, command: str) -> None:
         "# SmolLM2-135M-Instruct: SafeDPO vs DPO on the pku_tiny fixture, judged on free-form answers", "",
         f"Command: `{command}`", "",
         f"Machine: {results['machine']}. Wall time {results['wall_seconds'] / 60:.1f} min, CPU time "
-        f"{results['cpu_seconds'] / 60:.1f} min, peak RSS {results['peak_rss_gib']:.2f} GiB.", "",
+        f"{results['cpu_seconds'] / 60:.1f} min, peak RSS {results['peak_rss_gib']:.2f} GiB; 1-minute load average "
+        f"after each method {results['load_average_1min']} (other jobs shared the 2 cores).", "",
         f"Training per method: {cfg['steps']} AdamW steps x {cfg['batch_pairs']} pairs, lr {cfg['lr']}, beta "
         f"{cfg['beta']}, Delta {cfg['delta']} (SafeDPO), last {cfg['trainable_top_layers']} of 30 layers + final norm "
         f"trained, max_length {cfg['max_length']} with the chat template; greedy answers of {cfg['max_new_tokens']} "
@@ -350,12 +356,12 @@ def write_markdown(results: dict, path: Path, cfg: dict, command: str) -> None:
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(f"{get(s)['rates'].get(k, float('nan')):.2f}" for s in stages) + " |")
     n = {g: len(v) for g, v in results["prompts"].items()}
-    lines += ["", f"Prompts per group: {n}.", "", "## Training", "", "| method | pairs | trainable params | "
+    lines += ["", f"Prompts per group: {n}.", "", "## Training", "", "| method | pairs (selected / used) | trainable params | "
               "first loss | last-5 mean loss | last-5 margins | reference s | train s |", "| --- |" + " --- |" * 7]
     for m, r in results["methods"].items():
         t, log = r["train"], r["train"]["log"]
         tail = log[-5:]
-        lines.append(f"| {m} | {t['pairs']} | {t['trainable_parameters']:,} | {log[0]['loss']:.3f} | "
+        lines.append(f"| {m} | {t['pairs']} / {t['pairs_used']} | {t['trainable_parameters']:,} | {log[0]['loss']:.3f} | "
                      f"{sum(x['loss'] for x in tail) / len(tail):.3f} | {sum(x['margins'] for x in tail) / len(tail):.3f} "
                      f"| {t['reference_seconds']} | {t['train_seconds']} |")
     a = results["judge_agreement"]
@@ -417,6 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     print("judge agreement:", json.dumps({k: v for k, v in results["judge_agreement"].items() if k != "disagreements"}))
     results["before"] = evaluate(model, tokenizer, judge, prompts, cfg)
     print("before:", json.dumps(results["before"]["rates"]))
+    command = "python recipes/smollm_experiment.py --config " + " ".join([args.config, *args.overrides])
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     for method in cfg["methods"]:
         model.load_state_dict(initial)  # every method starts from the pretrained weights
@@ -426,10 +433,10 @@ def main(argv: list[str] | None = None) -> None:
         results["wall_seconds"] = time.perf_counter() - t_wall  # partial results survive an interruption
         results["cpu_seconds"] = time.process_time() - t_cpu
         results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        results["load_average_1min"] = results.get("load_average_1min", []) + [round(os.getloadavg()[0], 1)]
         (out / "results.json").write_text(json.dumps(results, indent=1))
-    command = "python recipes/smollm_experiment.py --config " + " ".join([args.config, *args.overrides])
-    write_markdown(results, out / "results.md", cfg, command)
-    plot(results, out / "refusal_rates.png")
+        write_markdown(results, out / "results.md", cfg, command)
+        plot(results, out / "refusal_rates.png")
     print(f"wrote {out}/results.md, results.json, refusal_rates.png in {results['wall_seconds'] / 60:.1f} min")
 
 

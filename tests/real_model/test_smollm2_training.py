@@ -138,16 +138,16 @@ def _assert_moved_and_tied(model, before: torch.Tensor) -> None:
 
 
 def test_hf_trainer_step(tmp_path, smollm_dir, two_tokenized, smollm_tokenizer):
-    from safedpo_kernels.integrations.hf import SafeDPOConfig, SafeDPOTrainer
+    from safedpo_kernels.integrations import SafeDPOHFConfig, SafeDPOHFTrainer
 
     policy = load_model(smollm_dir)
     data = add_reference_logps(two_tokenized, policy, PaddedPairCollator(smollm_tokenizer.pad_token_id),
                                batch_size=2, progress=False)
     before = policy.model.embed_tokens.weight.detach().clone()
-    args = SafeDPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, logging_steps=1,
-                         learning_rate=1e-5, report_to="none", save_strategy="no", use_cpu=True, beta=BETA,
-                         delta=DELTA, disable_tqdm=True)
-    trainer = SafeDPOTrainer(policy, args, train_dataset=data, processing_class=smollm_tokenizer)
+    args = SafeDPOHFConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, logging_steps=1,
+                           learning_rate=1e-5, report_to="none", save_strategy="no", use_cpu=True, beta=BETA,
+                           delta=DELTA, disable_tqdm=True)
+    trainer = SafeDPOHFTrainer(policy, args, train_dataset=data, processing_class=smollm_tokenizer)
     trainer.train()
     _expect_one_step(_first_logged(trainer.state.log_history))
     _assert_moved_and_tied(policy, before)
@@ -155,7 +155,9 @@ def test_hf_trainer_step(tmp_path, smollm_dir, two_tokenized, smollm_tokenizer):
 
 def test_trl_step_with_chat_template(tmp_path, smollm_dir, two_pairs, smollm_tokenizer):
     pytest.importorskip("trl")
-    from safedpo_kernels.integrations.trl import SafeDPOConfig, SafeDPOTrainer
+    from trl import DPOConfig
+
+    from safedpo_kernels.integrations import SafeDPOTrainer
 
     conversational = two_pairs.map(lambda r: {
         "prompt": [{"role": "user", "content": r["prompt"]}],
@@ -164,11 +166,14 @@ def test_trl_step_with_chat_template(tmp_path, smollm_dir, two_pairs, smollm_tok
     })
     policy = load_model(smollm_dir)
     before = policy.model.embed_tokens.weight.detach().clone()
-    args = SafeDPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, logging_steps=1,
-                         learning_rate=1e-5, report_to="none", save_strategy="no", use_cpu=True, beta=BETA,
-                         delta=DELTA, max_length=MAX_LENGTH, disable_tqdm=True, dataset_num_proc=None,
-                         precompute_ref_log_probs=True, bf16=False)  # DPOConfig defaults to bf16 autocast, even on CPU
-    trainer = SafeDPOTrainer(policy, args=args, train_dataset=conversational, processing_class=smollm_tokenizer)
+    # A plain TRL DPOConfig; bf16=False: DPOConfig defaults to bf16 autocast, even on the CPU, which moves
+    # the step-1 rewards of this 30-layer model by ~5e-3 (the closed-form check below needs float32).
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, logging_steps=1,
+                     learning_rate=1e-5, report_to="none", save_strategy="no", use_cpu=True, beta=BETA,
+                     max_length=MAX_LENGTH, disable_tqdm=True, dataset_num_proc=None, precompute_ref_log_probs=True,
+                     bf16=False)
+    trainer = SafeDPOTrainer(policy, args=args, train_dataset=conversational, processing_class=smollm_tokenizer,
+                             delta=DELTA)
     row = trainer.train_dataset[0]  # TRL rendered the model's chat template
     prompt = smollm_tokenizer.decode(row["prompt_ids"])
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
@@ -186,7 +191,7 @@ def test_recipe_step_from_local_folder(tmp_path, smollm_dir):
 
     result = run({
         "model_name_or_path": str(smollm_dir), "tokenizer": "model", "dataset": "fixture:pku_tiny",
-        "train_limit": 8, "eval_split": None, "max_length": MAX_LENGTH, "device": "cpu", "backend": "gloo",
+        "train_limit": 6, "eval_split": None, "max_length": MAX_LENGTH, "device": "cpu", "backend": "gloo",
         "mixed_precision": "fp32", "max_steps": 1, "micro_batch_size": 2, "lr": 1e-5, "plot": False,
         "progress_bar": False, "activation_checkpointing": False, "output_dir": str(tmp_path / "out"),
     })
