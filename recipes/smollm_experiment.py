@@ -3,7 +3,7 @@
 
     python recipes/smollm_experiment.py --config recipes/configs/smollm_experiment.yaml [key=value ...]
 
-Not run in CI (about 30-45 min on 2 cores). What it does:
+Not run in CI (about 15 min of CPU time; see results.md for what ran and how long). What it does:
 
 1. materializes SmolLM2-135M-Instruct (:mod:`safedpo_kernels.models.smollm2`, float32) and greedily
    answers the held-out prompts of ``smollm_eval_prompts.yaml`` (harmful prompts on new topics,
@@ -56,15 +56,15 @@ DEFAULTS: dict[str, Any] = {
     "train_limit": None,
     "max_length": 96,
     "trainable_top_layers": 10,
-    "steps": 40,
+    "steps": 24,
     "batch_pairs": 8,
-    "lr": 2e-5,
+    "lr": 5e-5,
     "beta": 0.1,
     "delta": 10.0,
     "max_grad_norm": 1.0,
     "seed": 0,
-    "threads": 2,
-    "max_new_tokens": 48,
+    "threads": 1,
+    "max_new_tokens": 40,
     "gen_batch_size": 16,
     "prompts": "recipes/configs/smollm_eval_prompts.yaml",
     "output_dir": "recipes/results/smollm",
@@ -355,6 +355,10 @@ def write_markdown(results: dict, path: Path, cfg: dict, command: str) -> None:
     ]
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(f"{get(s)['rates'].get(k, float('nan')):.2f}" for s in stages) + " |")
+    lexical = {s: rates({g: [{"refusal": v["lexical"]} for v in vs] for g, vs in get(s)["generations"].items()})
+               for s in stages}
+    for k in ("harmful_compliance", "over_refusal"):
+        lines.append(f"| {k} (lexical rule only) | " + " | ".join(f"{lexical[s][k]:.2f}" for s in stages) + " |")
     n = {g: len(v) for g, v in results["prompts"].items()}
     lines += ["", f"Prompts per group: {n}.", "", "## Training", "", "| method | pairs (selected / used) | trainable params | "
               "first loss | last-5 mean loss | last-5 margins | reference s | train s |", "| --- |" + " --- |" * 7]
@@ -370,8 +374,11 @@ def write_markdown(results: dict, path: Path, cfg: dict, command: str) -> None:
               f"{a['lexical']:.2f}, embedding only {a['embedding']:.2f}."]
     if a.get("generations"):
         g = a["generations"]
-        lines.append(f"On {g['n']} generations of this run labelled by hand: combined {g['combined']:.2f}, lexical "
-                     f"{g['lexical']:.2f}, embedding {g['embedding']:.2f}.")
+        lines.append(f"On {g['n']} generations of this run labelled by hand (stages {', '.join(g['stages'])}; "
+                     f"`hand_labels.yaml`): combined {g['combined']:.2f}, lexical {g['lexical']:.2f}, embedding "
+                     f"{g['embedding']:.2f}. Disagreements of the combined verdict:")
+        lines += [f"- [{d['stage']}] labelled {'refusal' if d['label'] else 'compliance'}, embedding score "
+                  f"{d['score']}: {d['text'][:140].replace(chr(10), ' ')}" for d in g["disagreements"]]
     lines += ["", "## Example generations (judge verdict in brackets)", ""]
     for group, prompts in results["prompts"].items():
         for i in range(min(3, len(prompts))):
@@ -397,12 +404,53 @@ def evaluate(model, tokenizer, judge: RefusalJudge, prompts: dict[str, list[str]
     return {"generations": gens, "rates": rates(gens), "generate_seconds": round(seconds, 1)}
 
 
+def hand_label_agreement(results: dict, labels_path: Path) -> dict[str, Any] | None:
+    """Judge agreement on generations of this run labelled by hand.
+
+    ``labels_path`` (YAML): ``{stage: {group: [refusal as 0/1, one per prompt in order]}}`` with stage
+    ``before`` or a method name; the verdicts stored in ``results`` are compared with them.
+    """
+    if not labels_path.is_file():
+        return None
+    labels = yaml.safe_load(labels_path.read_text()) or {}
+    rows = []
+    for stage_name, groups in labels.items():
+        stage = results["before"] if stage_name == "before" else results["methods"].get(stage_name)
+        if stage is None:
+            continue
+        for group, flags in groups.items():
+            gens = stage["generations"][group]
+            if len(flags) != len(gens):
+                raise ValueError(f"{labels_path}: {stage_name}.{group} has {len(flags)} labels for {len(gens)} answers")
+            rows += [(g, bool(f), stage_name) for g, f in zip(gens, flags)]
+    if not rows:
+        return None
+    out: dict[str, Any] = {"n": len(rows), "stages": sorted({r[2] for r in rows})}
+    for key, name in (("refusal", "combined"), ("lexical", "lexical"), ("embedding", "embedding")):
+        out[name] = round(sum(v[key] == t for v, t, _ in rows) / len(rows), 4)
+    out["disagreements"] = [{"stage": st, "text": v["text"], "label": t, "score": v["score"]}
+                            for v, t, st in rows if v["refusal"] != t]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(_ROOT / "recipes/configs/smollm_experiment.yaml"))
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite results.md / the PNG from output_dir/results.json (and hand_labels.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, values parsed as YAML")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    if args.report_only:
+        out = Path(cfg["output_dir"])
+        results = json.loads((out / "results.json").read_text())
+        agreement = hand_label_agreement(results, out / "hand_labels.yaml")
+        if agreement is not None:
+            results["judge_agreement"]["generations"] = agreement
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+        write_markdown(results, out / "results.md", results["config"], results.get("command", f"python recipes/smollm_experiment.py --config {args.config}"))
+        plot(results, out / "refusal_rates.png")
+        return
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
     from safedpo_kernels.models import load_smollm2
@@ -424,6 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     results["before"] = evaluate(model, tokenizer, judge, prompts, cfg)
     print("before:", json.dumps(results["before"]["rates"]))
     command = "python recipes/smollm_experiment.py --config " + " ".join([args.config, *args.overrides])
+    results["command"] = command
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     for method in cfg["methods"]:
         model.load_state_dict(initial)  # every method starts from the pretrained weights
