@@ -359,6 +359,10 @@ def write_markdown(results: dict, path: Path, cfg: dict, command: str) -> None:
                for s in stages}
     for k in ("harmful_compliance", "over_refusal"):
         lines.append(f"| {k} (lexical rule only) | " + " | ".join(f"{lexical[s][k]:.2f}" for s in stages) + " |")
+    for k in ("harmful_compliance", "over_refusal"):
+        hand = [get(s).get("rates_hand_labels", {}).get(k) for s in stages]
+        if any(h is not None for h in hand):
+            lines.append(f"| {k} (hand labels) | " + " | ".join("-" if h is None else f"{h:.2f}" for h in hand) + " |")
     n = {g: len(v) for g, v in results["prompts"].items()}
     lines += ["", f"Prompts per group: {n}.", "", "## Training", "", "| method | pairs (selected / used) | trainable params | "
               "first loss | last-5 mean loss | last-5 margins | reference s | train s |", "| --- |" + " --- |" * 7]
@@ -423,6 +427,9 @@ def hand_label_agreement(results: dict, labels_path: Path) -> dict[str, Any] | N
             if len(flags) != len(gens):
                 raise ValueError(f"{labels_path}: {stage_name}.{group} has {len(flags)} labels for {len(gens)} answers")
             rows += [(g, bool(f), stage_name) for g, f in zip(gens, flags)]
+        hand = {group: [{"refusal": bool(f)} for f in flags] for group, flags in groups.items()}
+        if set(hand) == set(stage["generations"]):
+            stage["rates_hand_labels"] = rates(hand)
     if not rows:
         return None
     out: dict[str, Any] = {"n": len(rows), "stages": sorted({r[2] for r in rows})}
