@@ -90,7 +90,8 @@ def newest_verified(root: Path, *, fallback: bool = True) -> Path:
             raise ValueError(f"config key 'resume': checkpoint {path} is damaged: {problem}")
         damaged.append((path, problem))
     detail = "; ".join(f"{p}: {why}" for p, why in damaged)
-    raise ValueError(f"config key 'resume': no usable checkpoint under {root}" + (f" (damaged: {detail})" if detail else ""))
+    raise ValueError(f"config key 'resume': no usable checkpoint under {root}"
+                     + (f" (damaged: {detail})" if detail else ""))
 
 
 def prune_in_background(root: Path, keep: int) -> threading.Thread | None:

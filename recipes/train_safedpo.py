@@ -49,7 +49,8 @@ from safedpo_kernels import (FusedLinearDPOLoss, FusedLinearSafeDPOLoss, count_k
 from recipes.checkpoint import OutputDirLock, checkpoint_problem, newest_verified, prune_in_background, step_folders
 from recipes.lora import adapters_disabled, init_adapters, inject_lora, merged_state_dict
 from recipes.loading import empty_shell, load_own_shards, restore_buffers, snapshot_buffers, weights_folder
-from recipes.config import CONFIG_SCHEMA, check_max_length, hf_config_from_dict, load_config, parse_overrides, validate_config
+from recipes.config import (CONFIG_SCHEMA, check_max_length, hf_config_from_dict, load_config, parse_overrides,
+                            validate_config)
 
 __all__ = ["CONFIG_SCHEMA", "Recipe", "load_config", "parse_overrides", "run", "validate_config"]
 
@@ -434,7 +435,8 @@ class Recipe:
             self._precompute_reference()
         n_params = sum(p.numel() for p in self.policy.parameters())  # global sizes (DTensor numel)
         n_train = sum(p.numel() for p in self.policy.parameters() if p.requires_grad)
-        self._print(f"model: {config.model_type}, {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trained), attn={attn}, "
+        self._print(f"model: {config.model_type}, {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trained), "
+                    f"attn={attn}, "
                     f"compute={self.compute_dtype}, world={self.world}, device={self.device.type}")
 
     def _shell(self, config) -> nn.Module:
