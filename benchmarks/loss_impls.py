@@ -8,6 +8,8 @@ implementation cannot run here (then the table shows the reason instead of a num
 | name | what | FLOPs (cost model) |
 | --- | --- | --- |
 | triton | ours, fused Triton kernels, exact | 8NHV (logits recomputed in backward) |
+| triton[NAME] | ours, one kernel variant (``triton_linear_logprobs(variant=NAME)``; logprobs op) | 8NHV |
+| triton-deterministic | ours, Triton, ``deterministic=True`` (owner-computes backward) | 10NHV |
 | triton-filtered | ours, Triton with gradient filtering (``grad_filter=True``) | <= 8NHV |
 | torch | ours, chunked PyTorch path (``impl="torch"``) | 8NHV |
 | eager | ``safedpo_kernels.reference``: materialized logits (what users run today) | 6NHV |
@@ -15,7 +17,9 @@ implementation cannot run here (then the table shows the reason instead of a num
 | liger | Liger-Kernel ``LigerFusedLinearDPOLoss``: plain DPO (no T(D), no margin) | 6NHV |
 | cce | Cut Cross-Entropy per-token log-probs (its default gradient filter) + our loss | <= 8NHV |
 
-The reference head (op="loss") adds 2NHV for everyone.
+The reference head (op="loss") adds 2NHV for everyone. Frozen head (``Case.frozen``): 4NHV for
+eager and for our fused frozen-head path (``workload.flops_per_nhv``). The kernel variants come
+from ``safedpo_kernels.kernels.KERNEL_VARIANTS`` (:func:`kernel_variants`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.workload import BETA, DELTA, IGNORE_INDEX, Case
+from benchmarks.workload import BETA, DELTA, IGNORE_INDEX, Case, flops_per_nhv
 from safedpo_kernels import FusedLinearSafeDPOLoss, linear_logprobs, safedpo_loss, sequence_logps
 from safedpo_kernels.reference import reference_fused_safedpo, reference_linear_logprobs
 
@@ -44,6 +48,16 @@ class Impl:
     unavailable: Callable[[Case, torch.device], "str | None"]
     warmup: int = 2
     note: str = ""
+    nhv: float | None = None  # FLOPs per N*H*V when it differs from the recompute / materialize model
+
+    def flops_per_nhv(self, case: Case) -> float:
+        """Cost-model FLOPs of one forward+backward of this implementation, in units of N*H*V."""
+        if self.nhv is not None and not case.frozen:
+            return self.nhv + (2.0 if case.op == "loss" else 0.0)
+        return flops_per_nhv(case, self.recompute)
+
+    def flops(self, case: Case) -> float:
+        return self.flops_per_nhv(case) * case.n * case.h * case.v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,8 +81,13 @@ def _safedpo_from_token_logps(token_logps: Callable[[torch.Tensor, torch.Tensor]
     return loss, loss
 
 
+#: Set to "1" (``scripts/gpu_check.py --dry-run``) to run the Triton rows through the CPU interpreter:
+#: a code-path check, never a timing.
+INTERPRETER_ROWS_ENV = "SAFEDPO_BENCH_INTERPRETER_ROWS"
+
+
 def _triton_reason(case: Case, device: torch.device) -> str | None:
-    if device.type != "cuda":
+    if device.type != "cuda" and os.environ.get(INTERPRETER_ROWS_ENV) != "1":
         return "CPU: Triton runs only through its interpreter here, which is not a performance path"
     try:
         from safedpo_kernels import triton_logprobs
@@ -86,14 +105,14 @@ def _never(case: Case, device: torch.device) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _ours(impl: str, grad_filter: bool = False) -> Callable[[Case, torch.device], Step]:
+def _ours(impl: str, grad_filter: bool = False, deterministic: bool = False) -> Callable[[Case, torch.device], Step]:
+    kw = {"impl": impl, "grad_filter": grad_filter, "deterministic": deterministic}
+
     def build(case: Case, device: torch.device) -> Step:
         if case.op == "logprobs":
-            return lambda x: _logprobs_objective(
-                linear_logprobs(x["hidden"], x["weight"], x["labels"], impl=impl, grad_filter=grad_filter), x)
-        if grad_filter:  # the module has no grad_filter switch: the same composition, by hand
-            return lambda x: _safedpo_from_token_logps(
-                lambda h, w: linear_logprobs(h, w, x["target"], impl=impl, grad_filter=True), x)
+            return lambda x: _logprobs_objective(linear_logprobs(x["hidden"], x["weight"], x["labels"], **kw), x)
+        if grad_filter or deterministic:  # the module has no such switches: the same composition, by hand
+            return lambda x: _safedpo_from_token_logps(lambda h, w: linear_logprobs(h, w, x["target"], **kw), x)
         module = FusedLinearSafeDPOLoss(beta=BETA, delta=DELTA, ignore_index=IGNORE_INDEX, impl=impl)
 
         def step(x):
@@ -104,6 +123,31 @@ def _ours(impl: str, grad_filter: bool = False) -> Callable[[Case, torch.device]
         return step
 
     return build
+
+
+def kernel_variants() -> tuple[str, ...]:
+    """``safedpo_kernels.kernels.KERNEL_VARIANTS`` (empty when the package has none or no triton)."""
+    try:
+        from safedpo_kernels import kernels
+    except ImportError:
+        return ()
+    return tuple(getattr(kernels, "KERNEL_VARIANTS", ()))
+
+
+def _variant(name: str) -> Callable[[Case, torch.device], Step]:
+    def build(case: Case, device: torch.device) -> Step:
+        from safedpo_kernels.triton_logprobs import triton_linear_logprobs
+
+        return lambda x: _logprobs_objective(
+            triton_linear_logprobs(x["hidden"], x["weight"], x["labels"], None, variant=name), x)
+
+    return build
+
+
+def _variant_reason(case: Case, device: torch.device) -> str | None:
+    if case.op != "logprobs":
+        return "kernel variants are measured on the logprobs op (the loss adds the same small terms to each)"
+    return _triton_reason(case, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,8 +177,13 @@ def eager_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     return torch.where(valid, picked, 0.0)
 
 
+#: torch.compile backend of the "compile" rows: inductor (what users get); ``scripts/gpu_check.py
+#: --dry-run`` sets "eager" to exercise the row's code path without minutes of CPU compilation.
+COMPILE_BACKEND_ENV = "SAFEDPO_BENCH_COMPILE_BACKEND"
+
+
 def _build_compile(case: Case, device: torch.device) -> Step:
-    compiled = torch.compile(eager_token_logps, dynamic=False)
+    compiled = torch.compile(eager_token_logps, dynamic=False, backend=os.environ.get(COMPILE_BACKEND_ENV, "inductor"))
     if case.op == "logprobs":
         return lambda x: _logprobs_objective(compiled(x["hidden"], x["weight"], x["labels"]), x)
     return lambda x: _safedpo_from_token_logps(lambda h, w: compiled(h, w, x["target"]), x)
@@ -153,7 +202,7 @@ def _compile_reason(case: Case, device: torch.device) -> str | None:
 
 
 def _liger_reason(case: Case, device: torch.device) -> str | None:
-    if case.op != "loss":
+    if case.op != "loss" or case.frozen:
         return "Liger-Kernel has no per-token log-prob function with gradients (loss op only)"
     if importlib.util.find_spec("liger_kernel") is None:
         return "liger-kernel not installed (pip install liger-kernel)"
@@ -218,6 +267,9 @@ IMPLS: dict[str, Impl] = {
         Impl("triton", "ours: Triton exact", "safedpo", True, _ours("triton"), _triton_reason),
         Impl("triton-filtered", "ours: Triton, grad filter", "safedpo", True, _ours("triton", grad_filter=True),
              _triton_reason, note="backward skips tiles whose softmax is below the dtype's resolution"),
+        Impl("triton-deterministic", "ours: Triton, deterministic", "safedpo", True,
+             _ours("triton", deterministic=True), _triton_reason, nhv=10.0,
+             note="owner-computes backward, bit-identical run to run (logits recomputed twice: 10NHV)"),
         Impl("torch", "ours: torch chunked", "safedpo", True, _ours("torch"), _never),
         Impl("eager", "eager PyTorch (logits materialized)", "safedpo", False, _build_eager, _never),
         Impl("compile", "torch.compile(eager)", "safedpo", False, _build_compile, _compile_reason, warmup=3),
@@ -227,3 +279,6 @@ IMPLS: dict[str, Impl] = {
              note="CCE's default filter_eps='high' (gradient filtering on)"),
     ]
 }
+for _name in kernel_variants():
+    IMPLS[f"triton[{_name}]"] = Impl(f"triton[{_name}]", f"ours: Triton variant {_name}", "safedpo", True,
+                                     _variant(_name), _variant_reason)
