@@ -4,13 +4,16 @@
     python scripts/compile_gate.py --full --out benchmarks/results/compile_gate.txt   # everything (minutes)
     python scripts/compile_gate.py --full --json rows.json                            # also the raw rows
 
-What is compiled: every target of ``compile_targets()`` (``safedpo_kernels.kernels``: every
-kernel x variant x constexpr flag combination x block configuration that a launch can pick; a
-fallback enumeration of the same from the launchers' own rules when the package has no such
-function) for sm_90a and sm_80, with Triton's own compiler on the CPU. Dtypes: bfloat16 at every
-configuration and flag combination, float16 at every flag combination of the default
-configuration (its code differs from bf16 only in the operand type), float32 in both dot
-precisions ("ieee", PyTorch's default, and "tf32") for the 32-bit configurations.
+What is compiled, for sm_90a and sm_80 with Triton's own compiler on the CPU: the specializations
+of ``compile_targets()`` (``safedpo_kernels/kernels/targets.py``: every kernel incl. the frozen-head
+one x block configuration x dtype x dot precision x constexpr flag combination a launch can
+produce: bias, softcap, gradient subsets, filtering, the variants' flags, the 16-bit grad-weight
+accumulator, and ``UPCAST``; each target builds the exact ``ASTSource`` a launch compiles). A
+package without that function gets the same enumeration of today's kernels from this script.
+``--full`` compiles every flag combination in bfloat16 at each kernel's default configuration, and
+every other (dtype / dot precision, configuration) pair at its heaviest flag combination (the most
+flags on); the CI subset compiles, per (arch, kernel), the default configuration in bf16 at its
+heaviest combination. float32 runs in both dot precisions ("ieee", PyTorch's default, and "tf32").
 
 What is read, all from the cubin Triton produced and would load (no second compiler run):
 
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import itertools
 import json
@@ -79,23 +83,26 @@ _FLOAT_SCALAR = re.compile(r"eps|scale|softcap|cap$|temperature")
 
 
 @dataclass(frozen=True)
-class Target:
-    """One compilable kernel specialization (before the dtype is chosen)."""
+class Job:
+    """One compile: a kernel specialization in one dtype (and dot precision) for one architecture."""
 
     arch: str
     kernel: str
-    variant: str
-    fn: object = field(compare=False, repr=False)
-    dtype_class: str
-    flags: tuple  # sorted (name, value) pairs of the flag constexprs
+    dtype: str  # "bf16", "fp16", "fp32-ieee", "fp32-tf32"
     config: object  # BlockConfig
-    default: bool  # the table's default config for (arch, kernel, dtype class)
+    flags: tuple  # sorted (name, value) of the flag constexprs, UPCAST / DOT_PRECISION excluded
+    control: bool  # UPCAST=True: the interpreter's bf16 workaround (must be caught)
+    default: bool  # the table's default config of (arch, kernel, dtype class)
+    build: object = field(compare=False, repr=False)  # () -> (ASTSource, compile options)
 
     def flag_text(self) -> str:
         """Short flag list: ``bias,dh,dw,filter`` (booleans that are on), ``name=value`` for others."""
         short = [k.lower().removeprefix("compute_").removeprefix("has_") if v is True else f"{k.lower()}={v}"
                  for k, v in self.flags if v is not False]
         return ",".join(short) or "-"
+
+    def weight(self) -> int:
+        return sum(v is not False for _, v in self.flags)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,116 +130,32 @@ def _fallback_flag_combos(kernel: str) -> list[dict]:
     return out
 
 
-def _fallback_targets() -> list[tuple]:
-    """(kernel, jit fn, flags, config, arch, dtype class) of today's four kernels and their table."""
+def _fallback_jobs() -> list[Job]:
+    """Today's four kernels x their table x every launchable flag combination x dtypes, built here
+    (for a package without ``compile_targets()``), plus an UPCAST control per (arch, kernel, config)."""
     from safedpo_kernels.kernels import backward, deterministic, forward
-    from safedpo_kernels.kernels.config import all_configs
+    from safedpo_kernels.kernels.config import CONFIGS, all_configs
 
     fns = {"forward": forward._forward_kernel, "backward": backward._backward_kernel,
            "grad_hidden": deterministic._grad_hidden_kernel, "grad_weight": deterministic._grad_weight_kernel}
-    return [(kernel, fns[kernel], flags, cfg, arch, cls)
-            for arch, kernel, cls, cfg in all_configs() for flags in _fallback_flag_combos(kernel)]
-
-
-def _package_targets():
-    """``compile_targets()`` of the package (kernels/targets.py or kernels/config.py), or None."""
-    import importlib
-
-    for module in ("safedpo_kernels.kernels.targets", "safedpo_kernels.kernels.config", "safedpo_kernels.kernels"):
-        try:
-            fn = getattr(importlib.import_module(module), "compile_targets", None)
-        except ImportError:
-            continue
-        if fn is not None:
-            return list(fn())
-    return None
-
-
-def _get(item, name, index=None, default=None):
-    if isinstance(item, dict):
-        return item.get(name, default)
-    if hasattr(item, name):
-        return getattr(item, name)
-    if index is not None and isinstance(item, tuple) and len(item) > index:
-        return item[index]
-    return default
-
-
-def targets() -> tuple[list[Target], str]:
-    """Every target that ships and where the list came from ("package" or "fallback").
-
-    Accepts items of ``compile_targets()`` as objects/dicts with the fields kernel, fn, flags (or
-    constexprs), config and optionally arch, dtype_class, variant, or as tuples (kernel, fn,
-    flags, config[, arch, dtype_class]); a target without arch / dtype class is compiled for
-    every (arch, class) whose table row holds its config, or for all of them when none does.
-    """
-    from safedpo_kernels.kernels.config import ARCHS, CONFIGS
-
-    items = _package_targets()
-    source = "package" if items is not None else "fallback"
-    if items is None:
-        items = _fallback_targets()
-    out: list[Target] = []
-    for it in items:
-        kernel = _get(it, "kernel", 0)
-        fn = _get(it, "fn", 1) or _get(it, "jit_fn")
-        flags = _get(it, "flags", 2) or _get(it, "constexprs") or {}
-        cfg = _get(it, "config", 3)
-        arch, cls = _get(it, "arch", 4), _get(it, "dtype_class", 5)
-        variant = _get(it, "variant", default="default") or "default"
-        combos = [(arch, cls)] if arch and cls else [
-            (a, c) for a in ARCHS for c in ("16bit", "32bit") if cfg in CONFIGS.get(a, {}).get(kernel, {}).get(c, [])
-        ] or [(a, c) for a in ARCHS for c in ("16bit", "32bit")]
-        for a, c in combos:
-            table = CONFIGS.get(a, {}).get(kernel, {}).get(c, [])
-            default = bool(table) and table[0] == cfg
-            flag_items = tuple(sorted((k, v) for k, v in dict(flags).items() if k != "UPCAST"))
-            out.append(Target(a, kernel, variant, fn, c, flag_items, cfg, default))
-    return out, source
-
-
-def jobs(subset: str) -> list[tuple]:
-    """(target, dtype name, upcast control?) to compile. ``subset``: "full" or "ci".
-
-    ci: per (arch, kernel, variant) the default configuration in bf16 at its flag combination with
-    the most flags on, and the UPCAST controls of the forward kernel(s); full: every target in
-    its dtypes and one UPCAST control per (arch, kernel, variant).
-    """
-    all_targets, _ = targets()
     out = []
-    heaviest: dict[tuple, Target] = {}
-    for t in all_targets:
-        if t.dtype_class == "16bit" and t.default:
-            key = (t.arch, t.kernel, t.variant)
-            best = heaviest.get(key)
-            if best is None or sum(v is True for _, v in t.flags) > sum(v is True for _, v in best.flags):
-                heaviest[key] = t
-    for t in all_targets:
-        if subset == "full":
-            for dt in CLASS_DTYPES[t.dtype_class]:
-                if dt == "fp16" and not t.default:
-                    continue
-                out.append((t, dt, False))
-    if subset == "ci":
-        out += [(t, "bf16", False) for t in heaviest.values()]
-    out += [(t, "bf16", True) for t in heaviest.values() if subset == "full" or t.kernel == "forward"]
+    for arch, kernel, cls, cfg in all_configs():
+        default = CONFIGS[arch][kernel][cls][0] == cfg
+        for flags in _fallback_flag_combos(kernel):
+            dtypes = [(d, False) for d in CLASS_DTYPES[cls]] + ([("bf16", True)] if cls == "16bit" else [])
+            for dtype, upcast in dtypes:
+                build = functools.partial(_fallback_source, fns[kernel], dtype, upcast, cfg, flags)
+                out.append(Job(arch, kernel, dtype, cfg, tuple(sorted(flags.items())), upcast, default, build))
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# Compiling and reading one target
-# ------------------------------------------------------------------------------------------------
-
-
-def _source(target: Target, dtype: str, upcast: bool):
+def _fallback_source(fn, dtype: str, upcast: bool, cfg, flags: dict):
     """ASTSource as a real launch specializes it (unit K strides, 16-aligned sizes and pointers)."""
     import triton
 
-    fn = target.fn
     ptr_type, precision, _ = DTYPES[dtype]
-    cfg = target.config
     constexprs = {"UPCAST": upcast, "DOT_PRECISION": "ieee" if upcast else precision,
-                  "BLOCK_M": cfg.block_m, "BLOCK_V": cfg.block_v, "BLOCK_H": cfg.block_h, **dict(target.flags)}
+                  "BLOCK_M": cfg.block_m, "BLOCK_V": cfg.block_v, "BLOCK_H": cfg.block_h, **flags}
     if "GROUP_M" in fn.arg_names:
         constexprs["GROUP_M"] = cfg.group_m
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
@@ -251,10 +174,81 @@ def _source(target: Target, dtype: str, upcast: bool):
             signature[arg] = "i32"
             if arg in _ALIGNED_INTS:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    missing = [a for a, p in zip(fn.arg_names, fn.params) if p.is_constexpr and a not in constexprs]
-    if missing:
-        raise ValueError(f"constexpr parameters without a value in the target: {missing}")
-    return triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return src, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def _package_jobs() -> list[Job] | None:
+    """Jobs from the package's ``compile_targets()`` (kernels/targets.py or kernels/config.py), or None.
+
+    Each target carries kernel, fn, flags (UPCAST and DOT_PRECISION included), config, arch,
+    dtype ("bf16" / "fp16" / "fp32"), dw_dtype, is_default_config and builds its own
+    ``ast_source()`` and ``options()``: the gate compiles exactly what a launch would.
+    """
+    import importlib
+
+    fn = None
+    for module in ("safedpo_kernels.kernels.targets", "safedpo_kernels.kernels.config"):
+        try:
+            fn = getattr(importlib.import_module(module), "compile_targets", None)
+        except ImportError:
+            continue
+        if fn is not None:
+            break
+    if fn is None:
+        return None
+    out = []
+    for t in fn():
+        flags = dict(t.flags)
+        upcast = bool(flags.pop("UPCAST", False))
+        precision = flags.pop("DOT_PRECISION", "tf32")
+        dtype = t.dtype if t.dtype != "fp32" else f"fp32-{precision}"
+        if getattr(t, "dw_dtype", "fp32") != "fp32":
+            flags["dw"] = t.dw_dtype
+        build = functools.partial(lambda tt: (tt.ast_source(), tt.options()), t)
+        out.append(Job(t.arch, t.kernel, dtype, t.config, tuple(sorted(flags.items())), upcast,
+                       bool(getattr(t, "is_default_config", True)), build))
+    return out
+
+
+def all_jobs() -> tuple[list[Job], str]:
+    """Every specialization that ships, and where the list came from ("package" or "fallback")."""
+    jobs_ = _package_jobs()
+    return (jobs_, "package") if jobs_ is not None else (_fallback_jobs(), "fallback")
+
+
+def jobs(subset: str) -> list[Job]:
+    """The compiles of a subset, in a fixed order.
+
+    full: every flag combination in bf16 at each kernel's default configuration; every other
+    (dtype / dot precision, configuration) at its heaviest flag combination (most flags on); one
+    UPCAST control per (arch, kernel). ci: per (arch, kernel) the default configuration in bf16 at
+    its heaviest flag combination, and the forward kernel's UPCAST control per arch.
+    """
+    everything, _ = all_jobs()
+    heaviest: dict[tuple, Job] = {}
+    for j in everything:
+        key = (j.arch, j.kernel, j.dtype, str(j.config), j.control)
+        if key not in heaviest or j.weight() > heaviest[key].weight():
+            heaviest[key] = j
+    out: list[Job] = []
+    for j in everything:
+        key = (j.arch, j.kernel, j.dtype, str(j.config), j.control)
+        is_heaviest = heaviest[key] is j
+        if j.control:
+            keep = is_heaviest and j.default and j.dtype == "bf16" and (subset == "full" or j.kernel == "forward")
+        elif subset == "ci":
+            keep = is_heaviest and j.default and j.dtype == "bf16"
+        else:
+            keep = (j.dtype == "bf16" and j.default) or is_heaviest
+        if keep:
+            out.append(j)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiling and reading one job
+# ------------------------------------------------------------------------------------------------
 
 
 def _tool(name: str) -> str:
@@ -325,26 +319,23 @@ def judge(row: dict, arch: str, expect: str | None, upcast: bool) -> list[str]:
     return errors
 
 
-def compile_one(job: tuple) -> dict:
-    """Compile one (target, dtype, upcast control) and return its row."""
-    target, dtype, upcast = job
+def compile_one(job: Job) -> dict:
+    """Compile one job and return its row."""
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
 
     knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its log
     knobs.nvidia.dump_ptxas_log = True
-    cfg = target.config
-    row = {"arch": target.arch, "kernel": target.kernel, "variant": target.variant, "dtype": dtype,
-           "config": str(cfg), "flags": target.flag_text(), "control": upcast, "ok": False, "errors": [], "notes": []}
+    row = {"arch": job.arch, "kernel": job.kernel, "dtype": job.dtype, "config": str(job.config),
+           "flags": job.flag_text(), "control": job.control, "ok": False, "errors": [], "notes": []}
     row["key"] = row_key(row)
     t0 = time.time()
     captured = io.StringIO()
     try:
-        src = _source(target, dtype, upcast)
+        src, options = job.build()
         with contextlib.redirect_stdout(captured):
-            kernel = triton.compile(src, target=GPUTarget("cuda", ARCH_CAPABILITY[target.arch], 32),
-                                    options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            kernel = triton.compile(src, target=GPUTarget("cuda", ARCH_CAPABILITY[job.arch], 32), options=options)
     except Exception as exc:  # noqa: BLE001 - any compiler failure (incl. ptxas) is a failed row
         msg = str(exc).strip().splitlines()
         row["errors"].append(f"compile error: {type(exc).__name__}: {msg[0][:200] if msg else ''}")
@@ -368,10 +359,10 @@ def compile_one(job: tuple) -> dict:
     row["shared"] = int(kernel.metadata.shared) + row["static_shared"]
     row["mma"] = mma_kinds(sass.stdout)
     row["seconds"] = round(time.time() - t0, 2)
-    failures = judge(row, target.arch, DTYPES[dtype][2], upcast)
-    if target.arch == "sm80" and row["shared"] > SHARED_LIMIT_CONSUMER:
+    failures = judge(row, job.arch, DTYPES[job.dtype][2], job.control)
+    if job.arch == "sm80" and row["shared"] > SHARED_LIMIT_CONSUMER:
         row["notes"].append(f"{row['shared']} B shared > 99 KiB: does not launch on sm_86/sm_89")
-    if upcast:  # a control must be caught by the matmul check, and only fail that way
+    if job.control:  # a control must be caught by the matmul check
         caught = [e for e in failures if e.startswith("expected")]
         row["errors"] = [] if caught else ["control NOT caught: UPCAST=True passed the matmul check"]
         row["notes"].append("control caught: " + (caught[0][:70] if caught else "-"))
@@ -395,7 +386,7 @@ def compile_index(subset_and_index: tuple[str, int]) -> dict:
 def row_key(row: dict) -> str:
     """Identity of a row across runs (what the committed full table is checked against)."""
     ctl = " UPCAST" if row.get("control") else ""
-    return f"{row['arch']} {row['kernel']}[{row['variant']}] {row['dtype']} {row['config']} {row['flags']}{ctl}"
+    return f"{row['arch']} {row['kernel']} {row['dtype']} {row['config']} {row['flags']}{ctl}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,7 +395,7 @@ def row_key(row: dict) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'arch':5} {'kernel[variant]':28} {'dtype':9} {'config':19} {'flags':30} {'regs':>4} {'smem':>6} "
+    head = (f"{'arch':5} {'kernel':12} {'dtype':9} {'config':19} {'flags':30} {'regs':>4} {'smem':>6} "
             f"{'spill':>5}  {'tensor-core ops':52} status")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -414,7 +405,7 @@ def format_table(rows: list[dict]) -> str:
         if r.get("notes"):
             status += " (" + "; ".join(r["notes"]) + ")"
         flags = r["flags"] + (" UPCAST" if r.get("control") else "")
-        lines.append(f"{r['arch']:5} {r['kernel'] + '[' + r['variant'] + ']':28} {r['dtype']:9} {r['config']:19} "
+        lines.append(f"{r['arch']:5} {r['kernel']:12} {r['dtype']:9} {r['config']:19} "
                      f"{flags:30} {r.get('registers', '-'):>4} {r.get('shared', '-'):>6} {spill:>5}  {mma:52} {status}")
     return "\n".join(lines)
 
@@ -424,10 +415,9 @@ def parse_table(text: str) -> dict[str, str]:
     out = {}
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) < 8 or parts[0] not in ARCH_CAPABILITY or not parts[1].endswith("]"):
+        if len(parts) < 8 or parts[0] not in ARCH_CAPABILITY:
             continue
-        kernel, variant = parts[1][:-1].split("[", 1)
-        row = {"arch": parts[0], "kernel": kernel, "variant": variant, "dtype": parts[2],
+        row = {"arch": parts[0], "kernel": parts[1], "dtype": parts[2],
                "config": " ".join(parts[3:6]), "flags": parts[6], "control": parts[7] == "UPCAST"}
         out[row_key(row)] = "FAIL" if "FAIL:" in line else "ok"
     return out
@@ -453,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     subset = "full" if args.full else "ci"
     todo = [(subset, i) for i in range(len(jobs(subset)))]
-    _, source = targets()
+    _, source = all_jobs()
     t0 = time.time()
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as pool:
@@ -464,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     controls = sum(r["control"] for r in rows)
     header = [
         f"# compile gate ({'full' if args.full else 'CI subset'}): triton {triton.__version__}, "
-        f"{len(rows)} compiles ({controls} UPCAST controls), targets from {source}, {time.time() - t0:.0f} s",
+        f"{len(rows)} compiles ({controls} UPCAST controls), targets from {source} "
+        f"({'compile_targets()' if source == 'package' else 'the launchers rules, in this script'}), "
+        f"{time.time() - t0:.0f} s",
         f"# command: python scripts/compile_gate.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
         "# regs/smem/spill from the cubin Triton produced (cuobjdump --dump-resource-usage; spill = ptxas-log "
         "spill stores + loads + STACK + LOCAL bytes); launch flags: upcast_flag(bf16) = False",

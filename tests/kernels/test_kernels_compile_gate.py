@@ -58,20 +58,24 @@ def test_tool_output_that_does_not_parse_is_an_error():
     assert gate.mma_kinds(sass) == {"HGMMA.64x128x16.F32.BF16": 1, "HMMA.16816.F32.F16": 1}
 
 
-def test_every_launchable_flag_combination_is_a_target():
+def test_every_launchable_flag_combination_is_a_job():
     gate = _gate()
     combos = gate._fallback_flag_combos("backward")
     assert len(combos) == 20  # bias x filter x non-empty gradient subsets (db only with a bias)
     assert not any(c["COMPUTE_DB"] and not c["HAS_BIAS"] for c in combos)
     assert len(gate._fallback_flag_combos("grad_weight")) == 8 and len(gate._fallback_flag_combos("forward")) == 2
-    targets, _ = gate.targets()
+    everything, _ = gate.all_jobs()
     from safedpo_kernels.kernels.config import ARCHS, all_configs
 
-    keyed = {(t.arch, t.kernel, str(t.config)) for t in targets}
-    assert {(a, k, str(c)) for a, k, _, c in all_configs()} <= keyed
-    assert {t.arch for t in targets} == set(ARCHS)
-    full = gate.jobs("full")
-    assert any(control for _, _, control in full) and {dt for _, dt, _ in full} >= {"bf16", "fp16", "fp32-ieee"}
+    assert {(a, k, str(c)) for a, k, _, c in all_configs()} <= {(j.arch, j.kernel, str(j.config)) for j in everything}
+    full, ci = gate.jobs("full"), gate.jobs("ci")
+    bf16_default = {(j.arch, j.kernel, j.flags) for j in everything if j.dtype == "bf16" and j.default and not j.control}
+    assert bf16_default <= {(j.arch, j.kernel, j.flags) for j in full}  # every flag combination, compiled
+    assert {(j.arch, j.kernel, j.dtype, str(j.config)) for j in everything} == {
+        (j.arch, j.kernel, j.dtype, str(j.config)) for j in full}  # every dtype x config at least once
+    assert {j.arch for j in full if j.control} == set(ARCHS) and {j.dtype for j in full} >= {"bf16", "fp16", "fp32-ieee"}
+    assert {(j.arch, j.kernel) for j in ci if not j.control} == {(j.arch, j.kernel) for j in everything}
+    assert len(ci) <= 2 * len({j.kernel for j in everything}) + 2
 
 
 def test_committed_full_table_covers_every_target():
@@ -79,9 +83,8 @@ def test_committed_full_table_covers_every_target():
     python scripts/compile_gate.py --full --out benchmarks/results/compile_gate.txt"""
     gate = _gate()
     committed = gate.parse_table(COMMITTED.read_text())
-    expected = {gate.row_key({"arch": t.arch, "kernel": t.kernel, "variant": t.variant, "dtype": dt,
-                              "config": str(t.config), "flags": t.flag_text(), "control": control})
-                for t, dt, control in gate.jobs("full")}
+    expected = {gate.row_key({"arch": j.arch, "kernel": j.kernel, "dtype": j.dtype, "config": str(j.config),
+                              "flags": j.flag_text(), "control": j.control}) for j in gate.jobs("full")}
     missing = sorted(expected - set(committed))
     assert not missing, f"{len(missing)} targets not in {COMMITTED.name}, e.g. {missing[:3]}; regenerate it"
     failed = sorted(k for k in expected if committed[k] != "ok")
@@ -108,8 +111,8 @@ def test_compile_gate_ci_subset(tmp_path):
     assert not failed, "\n".join(f"{r['key']}: {r['errors']}" for r in failed)
     assert proc.returncode == 0, proc.stderr[-3000:]
     gate = _gate()
-    targets, _ = gate.targets()
-    assert {(r["arch"], r["kernel"], r["variant"]) for r in rows} == {(t.arch, t.kernel, t.variant) for t in targets}
+    everything, _ = gate.all_jobs()
+    assert {(r["arch"], r["kernel"]) for r in rows} == {(j.arch, j.kernel) for j in everything}
     real = [r for r in rows if not r["control"]]
     assert all(r["registers"] == r["ptxas_registers"] and r["stack"] == 0 and r["spill_stores"] == 0 for r in real)
     assert all(k.startswith("HGMMA") and k.endswith(".BF16") for r in real if r["arch"] == "sm90" for k in r["mma"])
