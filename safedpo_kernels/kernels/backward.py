@@ -24,6 +24,8 @@ the tensor cores; the accumulators stay float32.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
@@ -34,13 +36,16 @@ from safedpo_kernels.kernels.common import (
     device_arch_and_sms,
     dot_precision,
     grad_logits_tile,
+    grouped_ids,
     load_k_slice,
     load_rows,
     logits_tile,
+    tile_needed,
     upcast_flag,
 )
 from safedpo_kernels.kernels.config import BlockConfig, pick_config
-from safedpo_kernels.kernels.deterministic import _grad_hidden_kernel, _grad_weight_kernel
+from safedpo_kernels.kernels.deterministic import deterministic_launchers
+from safedpo_kernels.kernels.variants import KernelStats, KernelVariant, get_variant
 
 #: float32 bytes of the grad_hidden accumulator the default scheme holds at once (tokens are
 #: processed in chunks of at most this many rows' worth); 16-bit inputs only.
@@ -58,20 +63,6 @@ def filter_eps(dtype: torch.dtype) -> float:
 
 
 @triton.jit
-def _tile_ids(pid, M, V, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_M: tl.constexpr):
-    """Grouped ordering: GROUP_M token blocks walk the vocabulary together (weight tiles reused in L2)."""
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_v = tl.cdiv(V, BLOCK_V)
-    per_group = GROUP_M * num_v
-    group = pid // per_group
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_v = (pid % per_group) // group_size
-    return pid_m, pid_v
-
-
-@triton.jit
 def _backward_kernel(
     hidden_ptr,
     weight_ptr,
@@ -83,6 +74,7 @@ def _backward_kernel(
     dh_ptr,
     dw_ptr,
     db_ptr,
+    skipped_ptr,
     M,
     V,
     H,
@@ -93,12 +85,16 @@ def _backward_kernel(
     stride_dhm,
     stride_dwv,
     filter_eps,
+    logit_scale,
+    softcap,
     # Meta-parameters
     HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     COMPUTE_DH: tl.constexpr,
     COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
     FILTER: tl.constexpr,
+    STAGGER: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -106,35 +102,39 @@ def _backward_kernel(
     BLOCK_H: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_v = _tile_ids(tl.program_id(0), M, V, BLOCK_M, BLOCK_V, GROUP_M)
+    pid_m, pid_v = grouped_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(V, BLOCK_V), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_m = offs_m < M
     mask_v = offs_v < V
     labels, lse, omp, g = load_rows(labels_ptr, lse_ptr, omp_ptr, g_ptr, offs_m, M)
 
-    # ---- G = g * (onehot - softmax) for this tile, float32 in registers ----
+    # ---- G = g * (onehot - softmax) * dlogits/dz for this tile, float32 in registers ----
     logits = logits_tile(
         hidden_ptr, weight_ptr, bias_ptr, offs_m, offs_v, M, V, H,
-        stride_hm, stride_hk, stride_wv, stride_wk,
-        HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_H,
+        stride_hm, stride_hk, stride_wv, stride_wk, logit_scale, softcap,
+        HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_H,
     )  # fmt: skip
-    grad, p_max, any_hit = grad_logits_tile(logits, offs_v, labels, lse, omp, g)
-    if FILTER:
-        needed = (p_max >= filter_eps) | (any_hit > 0)
-    else:
-        needed = True
-    if needed:
+    grad, p_max, any_hit = grad_logits_tile(
+        logits, offs_v, mask_v, labels, lse, omp, g, logit_scale, softcap, HAS_SOFTCAP
+    )
+    if tile_needed(p_max, any_hit, filter_eps, skipped_ptr, pid_m >= 0, FILTER):
         if COMPUTE_DB:
             tl.atomic_add(db_ptr + offs_v, tl.sum(grad, axis=0), mask=mask_v, sem="relaxed")
         if UPCAST:
             grad_in = grad
         else:
             grad_in = grad.to(hidden_ptr.dtype.element_ty)
-        # ---- dh[m, k] += G @ W[v, k];  dw[v, k] += G.T @ hidden[m, k] ----
+        # ---- dh[m, k] += G @ W[v, k];  dw[v, k] += G.T @ hidden[m, k], k block by k block ----
         offs_k = tl.arange(0, BLOCK_H)
-        for k0 in range(0, H, BLOCK_H):
-            ks = k0 + offs_k
+        num_k = tl.cdiv(H, BLOCK_H)
+        # STAGGER: start at a different k block per tile so concurrent programs (same token block
+        # or same vocabulary block) do not add into the same addresses at the same moment.
+        rot = (pid_m + pid_v) % num_k if STAGGER else 0
+        for kb in range(0, num_k):
+            kk = kb + rot
+            kk = tl.where(kk >= num_k, kk - num_k, kk) if STAGGER else kk
+            ks = kk * BLOCK_H + offs_k
             mask_k = ks < H
             if COMPUTE_DH:
                 w = load_k_slice(weight_ptr, offs_v, ks, stride_wv, stride_wk, mask_v, mask_k, UPCAST)
@@ -145,6 +145,9 @@ def _backward_kernel(
                 h = load_k_slice(hidden_ptr, offs_m, ks, stride_hm, stride_hk, mask_m, mask_k, UPCAST)
                 dw = tl.dot(tl.trans(grad_in), h, input_precision=DOT_PRECISION)
                 dw_ptrs = dw_ptr + offs_v[:, None].to(tl.int64) * stride_dwv + ks[None, :]
+                # float32 partial product; cast to the accumulator's dtype (float32, or the 16-bit
+                # input dtype in the "dw_lowp" variant)
+                dw = dw.to(dw_ptr.dtype.element_ty)
                 tl.atomic_add(dw_ptrs, dw, mask=mask_v[:, None] & mask_k[None, :], sem="relaxed")
 
 
@@ -161,6 +164,17 @@ def _token_chunk(m: int, h: int, dtype: torch.dtype, block_m: int) -> int:
     return min(m, rows)
 
 
+def _vocab_order(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Permutation of the vocabulary by decreasing mean raw logit over the tokens (the mean of
+    ``hidden @ weight.T + bias`` is ``mean(hidden) @ weight.T + bias``: one matrix-vector product).
+    Any monotone logit transform keeps the order of the raw values close enough for filtering."""
+    mean_h = hidden.float().mean(0).to(weight.dtype)
+    mean_z = (weight @ mean_h).float()
+    if bias is not None:
+        mean_z = mean_z + bias.float()
+    return torch.argsort(mean_z, descending=True)
+
+
 def backward_logprobs(
     grad_logp: torch.Tensor,
     hidden: torch.Tensor,
@@ -171,8 +185,12 @@ def backward_logprobs(
     one_minus_p: torch.Tensor,
     *,
     needs: tuple[bool, bool, bool],
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     deterministic: bool = False,
     grad_filter: bool = False,
+    variant: KernelVariant | None = None,
+    stats: KernelStats | None = None,
     configs: dict[str, BlockConfig] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum(grad_logp * logp)`` w.r.t. (hidden, weight, bias), in the inputs' dtypes.
@@ -182,15 +200,39 @@ def backward_logprobs(
         hidden: (M, H), weight: (V, H), bias: (V,) or None, labels: (M,) int64: as in forward.
         lse, one_minus_p: (M,) float32 log-sum-exp and 1 - p(label) from ``forward_logprobs``.
         needs: which of (grad_hidden, grad_weight, grad_bias) to compute; others return None.
+        logit_scale, softcap: the logit transform used in the forward.
         deterministic: owner-computes kernels, bit-identical run to run (see module docstring).
         grad_filter: skip tiles whose softmax is below ``filter_eps(hidden.dtype)``.
+        variant: a ``KernelVariant`` (None: "default").
+        stats: a ``KernelStats`` that receives the evaluated and skipped tile counts.
         configs: block configuration per kernel name ("backward", "grad_hidden", "grad_weight");
             missing names use ``config.pick_config``.
     """
+    variant = variant or get_variant(None)
     need_h, need_w, need_b = needs
     need_b = need_b and bias is not None
     if not (need_h or need_w or need_b):
         return None, None, None
+    if grad_filter and variant.vocab_order:
+        # Sorted copy of the head (labels renumbered); the gradients are scattered back.
+        perm = _vocab_order(hidden, weight, bias)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        sorted_grads = backward_logprobs(
+            grad_logp, hidden, weight[perm], None if bias is None else bias[perm], inverse[labels],
+            lse, one_minus_p, needs=needs, logit_scale=logit_scale, softcap=softcap,
+            deterministic=deterministic, grad_filter=True, variant=replace(variant, vocab_order=False),
+            stats=stats, configs=configs,
+        )  # fmt: skip
+        dh, dw_sorted, db_sorted = sorted_grads
+        dw = db = None
+        if dw_sorted is not None:
+            dw = torch.empty_like(dw_sorted)
+            dw[perm] = dw_sorted
+        if db_sorted is not None:
+            db = torch.empty_like(db_sorted)
+            db[perm] = db_sorted
+        return dh, dw, db
     m, h = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -200,36 +242,28 @@ def backward_logprobs(
     omp = one_minus_p.contiguous()
     labels = labels.contiguous()
     bias_arg = bias.contiguous() if bias is not None else hidden
+    stats = stats if stats is not None else KernelStats()
+    skipped = stats.counter(dev)
+    tiles = lambda rows, cfg: triton.cdiv(rows, cfg.block_m) * triton.cdiv(v, cfg.block_v)  # noqa: E731
     flags = dict(
         HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=softcap is not None,
         FILTER=grad_filter,
         UPCAST=upcast_flag(hidden.dtype),
         DOT_PRECISION=dot_precision(hidden.dtype),
     )
-    eps = filter_eps(hidden.dtype)
+    # scalars after the strides: filter threshold, logit scale, softcap (1.0 when unused)
+    scalars = (filter_eps(hidden.dtype), float(logit_scale), float(softcap or 1.0))
     strides = (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
     zeros = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=dev)  # noqa: E731
-
-    def run_grad_hidden(cfg: BlockConfig) -> torch.Tensor:
-        dh = zeros(m, h)
-        _grad_hidden_kernel[(triton.cdiv(m, cfg.block_m),)](
-            hidden, weight, bias_arg, labels, lse, omp, g, dh, m, v, h, *strides, h, eps, **flags, **cfg.meta()
-        )
-        return dh
-
-    def run_grad_weight(cfg: BlockConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        dw = zeros(v, h) if need_w else None
-        db = zeros(v) if need_b else None
-        _grad_weight_kernel[(triton.cdiv(v, cfg.block_v),)](
-            hidden, weight, bias_arg, labels, lse, omp, g,
-            dw if need_w else g, db if need_b else g,
-            m, v, h, *strides, h, eps,
-            COMPUTE_DW=need_w, COMPUTE_DB=need_b, **flags, **cfg.meta(),
-        )  # fmt: skip
-        return dw, db
+    # grad_weight accumulator dtype: float32, or the 16-bit input dtype in the "dw_lowp" variant
+    # (never under the interpreter's bf16 workaround, whose bf16 arithmetic is broken).
+    dw_dtype = torch.float32
+    if variant.dw_lowp and weight.dtype != torch.float32 and not flags["UPCAST"]:
+        dw_dtype = weight.dtype
 
     def run_fused(cfg: BlockConfig):
-        dw = zeros(v, h) if need_w else None
+        dw = torch.zeros((v, h), dtype=dw_dtype, device=dev) if need_w else None
         db = zeros(v) if need_b else None
         chunk = _token_chunk(m, h, hidden.dtype, cfg.block_m) if need_h else m
         # float32 grad_hidden accumulator: the whole (M, H) when it fits the chunk budget (or the
@@ -239,13 +273,14 @@ def backward_logprobs(
         for s in range(0, m, chunk):
             e = min(m, s + chunk)
             dh_chunk = zeros(e - s, h) if need_h and chunk < m else dh
-            grid = (triton.cdiv(e - s, cfg.block_m) * triton.cdiv(v, cfg.block_v),)
+            grid = (tiles(e - s, cfg),)
+            stats.evaluated_tiles += grid[0]
             _backward_kernel[grid](
                 hidden[s:e], weight, bias_arg, labels[s:e], lse[s:e], omp[s:e], g[s:e],
-                dh_chunk if need_h else g, dw if need_w else g, db if need_b else g,
-                e - s, v, h, *strides, h, h, eps,
-                COMPUTE_DH=need_h, COMPUTE_DW=need_w, COMPUTE_DB=need_b, GROUP_M=cfg.group_m,
-                **flags, **cfg.meta(),
+                dh_chunk if need_h else g, dw if need_w else g, db if need_b else g, skipped,
+                e - s, v, h, *strides, h, h, *scalars,
+                COMPUTE_DH=need_h, COMPUTE_DW=need_w, COMPUTE_DB=need_b, STAGGER=variant.stagger,
+                GROUP_M=cfg.group_m, **flags, **cfg.meta(),
             )  # fmt: skip
             if need_h and chunk < m:
                 out_h[s:e] = dh_chunk
@@ -260,8 +295,19 @@ def backward_logprobs(
         )  # fmt: skip
 
     if deterministic:
-        dh = run_grad_hidden(choose("grad_hidden", run_grad_hidden)) if need_h else None
-        dw, db = run_grad_weight(choose("grad_weight", run_grad_weight)) if (need_w or need_b) else (None, None)
+        run_h, run_w = deterministic_launchers(
+            hidden, weight, bias_arg, labels, lse, omp, g, skipped, strides, scalars, flags,
+            needs=(need_h, need_w, need_b), pair=variant.det_pair,
+        )  # fmt: skip
+        dh = dw = db = None
+        if need_h:
+            cfg = choose("grad_hidden", run_h)
+            dh = run_h(cfg)
+            stats.evaluated_tiles += tiles(m, cfg)
+        if need_w or need_b:
+            cfg = choose("grad_weight", run_w)
+            dw, db = run_w(cfg)
+            stats.evaluated_tiles += tiles(m, cfg)
     else:
         dh, dw, db = run_fused(choose("backward", run_fused))
     return (

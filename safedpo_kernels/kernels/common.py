@@ -69,6 +69,60 @@ def device_arch_and_sms(device: torch.device) -> tuple[str | None, int]:
 
 
 @triton.jit
+def tanh_f32(x):
+    """tanh in float32 to ~2 ulps, the same code on the GPU and in the interpreter (which has no
+    libdevice): odd Taylor polynomial (9 terms, truncation < 5e-9 relative) for |x| < 0.55, else
+    sign(x) * (1 - 2 / (exp(2|x|) + 1)); exp overflow gives exactly +-1."""
+    ax = tl.abs(x)
+    x2 = x * x
+    p = 6404582.0 / 10854718875.0
+    p = p * x2 - 929569.0 / 638512875.0
+    p = p * x2 + 21844.0 / 6081075.0
+    p = p * x2 - 1382.0 / 155925.0
+    p = p * x2 + 62.0 / 2835.0
+    p = p * x2 - 17.0 / 315.0
+    p = p * x2 + 2.0 / 15.0
+    p = p * x2 - 1.0 / 3.0
+    p = p * x2 + 1.0
+    big = 1.0 - 2.0 / (tl.exp(2.0 * ax) + 1.0)
+    return tl.where(ax < 0.55, x * p, tl.where(x < 0, -big, big))
+
+
+@triton.jit
+def transform_logits(z, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Logits from the raw head output z (float32): ``softcap * tanh(logit_scale * z / softcap)``
+    with HAS_SOFTCAP, else ``logit_scale * z``. A non-finite z gives NaN under the cap (tanh would
+    turn +-inf into a finite +-softcap and hide it); without the cap +-inf stays +-inf."""
+    if HAS_SOFTCAP:
+        return softcap * tanh_f32(z * (logit_scale / softcap)) + z * 0.0
+    else:
+        return z * logit_scale
+
+
+@triton.jit
+def logit_slope(logits, mask_v, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """d logits / d z per entry, float32, 0 at masked columns: ``logit_scale * (1 - (logits /
+    softcap)**2)`` under the cap (1 - tanh**2), else the constant ``logit_scale``."""
+    if HAS_SOFTCAP:
+        t = logits / softcap
+        return tl.where(mask_v[None, :], logit_scale * (1.0 - t * t), 0.0)
+    else:
+        return tl.where(mask_v[None, :], logit_scale, 0.0)
+
+
+@triton.jit
+def grouped_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of a 1-D launch in grouped order: GROUP_M consecutive row blocks walk the
+    column blocks together, so the programs running at once share their tiles in L2."""
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
 def logits_tile(
     hidden_ptr,
     weight_ptr,
@@ -82,15 +136,19 @@ def logits_tile(
     stride_hk,
     stride_wv,
     stride_wk,
+    logit_scale,
+    softcap,
     # Meta-parameters
     HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """float32 (BLOCK_M, BLOCK_V) tile of hidden @ weight.T + bias; -inf at columns >= V.
+    """float32 (BLOCK_M, BLOCK_V) tile of the logits ``transform(hidden @ weight.T + bias)``
+    (``transform_logits``); -inf at columns >= V.
 
     Rows >= M read zeros (their values are never stored). Offsets are int64.
     """
@@ -113,7 +171,8 @@ def logits_tile(
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
         acc += b[None, :]
-    return tl.where(mask_v[None, :], acc, float("-inf"))
+    logits = transform_logits(acc, logit_scale, softcap, HAS_SOFTCAP)
+    return tl.where(mask_v[None, :], logits, float("-inf"))
 
 
 @triton.jit
@@ -144,16 +203,22 @@ def load_rows(labels_ptr, lse_ptr, omp_ptr, g_ptr, offs_m, M):
 def grad_logits_tile(
     logits,
     offs_v,
+    mask_v,
     labels,
     lse,
     omp,
     g,
+    logit_scale,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
 ):
-    """d(sum_i g_i logp_i)/d logits for one tile: g * (onehot(label) - softmax), float32.
+    """d(sum_i g_i logp_i)/d z for one tile (z = hidden @ weight.T + bias, the raw head output):
+    g * (onehot(label) - softmax(logits)) * dlogits/dz, float32; 0 at masked columns.
 
-    At the label column, for a confident token (p > 1/2), the value is ``g * omp`` with
-    ``omp = 1 - p(label)`` from the forward (computed from the other columns' sum), not
-    ``g - g * p``: p rounds to 1 there and the difference would be pure rounding noise. Also returns the tile's largest softmax value and whether a label falls in it (for filtering).
+    At the label column, for a confident token (p > 1/2), the value uses ``omp = 1 - p(label)``
+    from the forward (computed from the other columns' sum), not ``1 - p``: p rounds to 1 there
+    and the difference would be pure rounding noise. Also returns the tile's largest softmax value
+    and whether a label falls in it (for filtering).
     """
     p = tl.exp(logits - lse[:, None])
     hit = offs_v[None, :] == labels[:, None]
@@ -161,7 +226,21 @@ def grad_logits_tile(
     # 1 - p at the label: the forward's value when p > 1/2 (accurate where p ~ 1), else 1 - p from
     # the tile (accurate where p is small, when the forward's value is a difference of two LSEs).
     label_grad = g[:, None] * tl.where(omp[:, None] < 0.5, omp[:, None], 1.0 - p)
-    grad = tl.where(hit, label_grad, grad)
+    grad = tl.where(hit, label_grad, grad) * logit_slope(logits, mask_v, logit_scale, softcap, HAS_SOFTCAP)
     p_max = tl.max(tl.max(p, axis=1), axis=0)
     any_hit = tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0)
     return grad, p_max, any_hit
+
+
+@triton.jit
+def tile_needed(p_max, any_hit, filter_eps, skipped_ptr, in_range, FILTER: tl.constexpr):
+    """Gradient filtering: False when the tile holds no label and its largest softmax value is
+    below ``filter_eps``; each skipped tile with ``in_range`` true (not a padding tile past the
+    matrix) adds 1 to the int32 counter at ``skipped_ptr``. Always True without FILTER."""
+    if FILTER:
+        needed = (p_max >= filter_eps) | (any_hit > 0)
+        if not needed:
+            tl.atomic_add(skipped_ptr, in_range.to(tl.int32), sem="relaxed")
+    else:
+        needed = True
+    return needed

@@ -46,11 +46,12 @@ class BlockConfig:
 
 
 _C = BlockConfig
-KERNELS = ("forward", "backward", "grad_hidden", "grad_weight")
+KERNELS = ("forward", "backward", "grad_hidden", "grad_weight", "frozen")
 ARCHS = ("sm90", "sm80")
 
 # Kernel names: "forward" (online LSE + target logit), "backward" (fused grad_hidden + grad_weight
-# with fp32 atomics, the default), "grad_hidden" / "grad_weight" (the deterministic pair).
+# with fp32 atomics, the default), "grad_hidden" / "grad_weight" (the deterministic pair), "frozen"
+# (frozen-head forward that also accumulates d logp / d hidden).
 CONFIGS: dict[str, dict[str, dict[str, list[BlockConfig]]]] = {
     "sm90": {
         "forward": {
@@ -69,6 +70,10 @@ CONFIGS: dict[str, dict[str, dict[str, list[BlockConfig]]]] = {
             "16bit": [_C(128, 64, 64, 8, 3), _C(64, 128, 64, 8, 3)],
             "32bit": [_C(64, 64, 32, 8, 2)],
         },
+        "frozen": {
+            "16bit": [_C(128, 128, 64, 8, 3)],
+            "32bit": [_C(64, 64, 32, 8, 2)],
+        },
     },
     "sm80": {
         "forward": {
@@ -85,6 +90,10 @@ CONFIGS: dict[str, dict[str, dict[str, list[BlockConfig]]]] = {
         },
         "grad_weight": {
             "16bit": [_C(64, 128, 32, 8, 3)],
+            "32bit": [_C(64, 64, 32, 8, 2)],
+        },
+        "frozen": {
+            "16bit": [_C(128, 64, 64, 8, 3)],
             "32bit": [_C(64, 64, 32, 8, 2)],
         },
     },

@@ -47,7 +47,8 @@ def test_only_requested_grads_are_computed(seed, deterministic, monkeypatch):
 
     monkeypatch.setattr("safedpo_kernels.triton_logprobs.backward_logprobs", spy)
     h = hidden.clone().requires_grad_()
-    out = triton_linear_logprobs(h, weight, labels, b, deterministic=deterministic)  # frozen head
+    # frozen head through the recompute backward (the frozen-head kernel has no backward kernel)
+    out = triton_linear_logprobs(h, weight, labels, b, deterministic=deterministic, variant="no_frozen_kernel")
     (gh,) = torch.autograd.grad(out, h, g)
     assert seen[-1] == (True, False, False)
     w, bb = weight.clone().requires_grad_(), b.clone().requires_grad_()

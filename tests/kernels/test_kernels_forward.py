@@ -53,9 +53,12 @@ def test_forward_only_path_builds_no_graph(seed):
     assert out.grad_fn is None and not out.requires_grad
     frozen = triton_linear_logprobs(hidden.detach(), weight, labels, b)  # nothing requires grad
     assert frozen.grad_fn is None
-    graph = triton_linear_logprobs(hidden, weight, labels, b)
+    graph = triton_linear_logprobs(hidden, weight.clone().requires_grad_(), labels, b)  # recompute path
     assert graph.grad_fn is not None
     assert torch.equal(out, graph.detach()) and torch.equal(out, frozen)
+    frozen_head = triton_linear_logprobs(hidden, weight, labels, b)  # frozen-head kernel: one split
+    assert frozen_head.grad_fn is not None
+    torch.testing.assert_close(frozen_head.detach(), out, rtol=0, atol=2e-6)
 
 
 def test_non_contiguous_inputs(seed):
