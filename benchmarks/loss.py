@@ -52,12 +52,14 @@ def standard_cases(shapes=None) -> list[tuple[Case, tuple[str, ...]]]:
 
     * ``logprobs`` (LM-like logits): every kernel variant (or the default kernel when the package
       has no variants), filtered, deterministic, our torch path, eager, torch.compile, Cut Cross-Entropy;
-    * ``logprobs`` with a frozen head: ours (Triton, torch) and eager;
+    * ``logprobs`` with a frozen head: ours (Triton's frozen-head kernel, Triton's forward + recompute
+      backward for comparison, torch) and eager;
     * ``loss``: ours (SafeDPO) and Liger's DPO loss on the same pairs (8 pairs, reference head).
 
     ``shapes``: ((head or (name, H, V)), N) pairs; default :data:`STANDARD_SHAPES`.
     """
-    variants = tuple(n for n in IMPLS if n.startswith("triton["))
+    variants = tuple(n for n in IMPLS if n.startswith("triton[") and IMPLS[n].frozen_fast)
+    recompute_frozen = tuple(n for n in IMPLS if n.startswith("triton[") and not IMPLS[n].frozen_fast)
     out = []
     for head, n in shapes or STANDARD_SHAPES:
         if isinstance(head, tuple):
@@ -67,7 +69,7 @@ def standard_cases(shapes=None) -> list[tuple[Case, tuple[str, ...]]]:
             mk = lambda op, **kw: _head(head, op, n, "bfloat16", **kw)  # noqa: E731
         out.append((mk("logprobs", logits="lm"), (variants or ("triton",)) + (
             "triton-filtered", "triton-deterministic", "torch", "eager", "compile", "cce")))
-        out.append((mk("logprobs", logits="lm", frozen=True), ("triton", "torch", "eager")))
+        out.append((mk("logprobs", logits="lm", frozen=True), ("triton",) + recompute_frozen + ("torch", "eager")))
         pairs = max(p for p in range(1, 9) if n % (2 * p) == 0)  # 8 pairs at the standard sizes
         out.append((mk("loss", pairs=pairs), ("triton", "liger")))
     return out
@@ -174,23 +176,24 @@ def measure(case: Case, impl_name: str, device: torch.device, *, reps: int, seed
 def time_interleaved(case: Case, names: list[str], device: torch.device, *, reps: int, seed: int) -> dict[str, dict]:
     """Every implementation of a case timed in one process, interleaved: after each one's warm-up,
     rep r runs them all in turn (the order rotating each rep), so a change in the machine's load
-    hits all of them alike; medians per implementation (``harness.time_interleaved``)."""
-    inputs = make_inputs(case, device, seed)
-    runs, out = {}, {}
+    hits all of them alike; medians per implementation (``harness.time_interleaved``). Each
+    implementation gets its own copy of the inputs (same values): state one leaves on its tensors
+    (e.g. dynamo's dimension marks, which made torch.compile recompile) cannot reach another."""
+    runs, out, per_impl = {}, {}, {}
     for n in names:
         try:
+            inputs = per_impl[n] = make_inputs(case, device, seed)
             run = make_runner(case, n, device, inputs)
             for _ in range(IMPLS[n].warmup):
                 run()
             runs[n] = run
+            _zero_grads(inputs)
         except Exception as exc:
             out[n] = _failure(exc)
-    _zero_grads(inputs)
     try:
         out.update(harness.time_interleaved(runs, device, reps=reps))
     except Exception as exc:
         out.update({n: _failure(exc) for n in runs})
-    _zero_grads(inputs)
     return out
 
 

@@ -49,12 +49,15 @@ class Impl:
     warmup: int = 2
     note: str = ""
     nhv: float | None = None  # FLOPs per N*H*V when it differs from the recompute / materialize model
+    frozen_fast: bool = True  # frozen head: a 4NHV fused path (False: forward + recompute backward, 6NHV)
+    exact: bool = True  # False: approximate by design (gradient filtering)
+    deterministic: bool = False  # bit-identical run to run (checked by scripts/gpu_check.py)
 
     def flops_per_nhv(self, case: Case) -> float:
         """Cost-model FLOPs of one forward+backward of this implementation, in units of N*H*V."""
         if self.nhv is not None and not case.frozen:
             return self.nhv + (2.0 if case.op == "loss" else 0.0)
-        return flops_per_nhv(case, self.recompute)
+        return flops_per_nhv(case, self.recompute, frozen_fast=self.frozen_fast)
 
     def flops(self, case: Case) -> float:
         return self.flops_per_nhv(case) * case.n * case.h * case.v
@@ -134,14 +137,58 @@ def kernel_variants() -> tuple[str, ...]:
     return tuple(getattr(kernels, "KERNEL_VARIANTS", ()))
 
 
-def _variant(name: str) -> Callable[[Case, torch.device], Step]:
-    def build(case: Case, device: torch.device) -> Step:
-        from safedpo_kernels.triton_logprobs import triton_linear_logprobs
+#: ``KernelStats`` of the last build of each Triton row that reports them (``triton[NAME]``,
+#: ``triton-filtered`` on the logprobs op): tiles skipped by filtering, frozen-head kernel used.
+LAST_STATS: dict[str, object] = {}
 
+
+def _direct(row: str, **kw) -> Callable[[Case, torch.device], Step]:
+    """logprobs op through ``triton_linear_logprobs`` itself (no ignored tokens there, so the same work
+    as ``linear_logprobs``), with a ``KernelStats`` kept in :data:`LAST_STATS` when the package has it."""
+
+    def build(case: Case, device: torch.device) -> Step:
+        from safedpo_kernels import triton_logprobs
+
+        stats_cls = getattr(triton_logprobs, "KernelStats", None)
+        if stats_cls is None:
+            try:
+                from safedpo_kernels.kernels import KernelStats as stats_cls
+            except ImportError:
+                stats_cls = None
+        extra = {}
+        if stats_cls is not None:
+            extra["stats"] = LAST_STATS[row] = stats_cls()
         return lambda x: _logprobs_objective(
-            triton_linear_logprobs(x["hidden"], x["weight"], x["labels"], None, variant=name), x)
+            triton_logprobs.triton_linear_logprobs(x["hidden"], x["weight"], x["labels"], None, **kw, **extra), x)
 
     return build
+
+
+def _triton_exact(case: Case, device: torch.device) -> Step:
+    if case.op == "logprobs":
+        return _direct("triton")(case, device)
+    return _ours("triton")(case, device)
+
+
+def _filtered(case: Case, device: torch.device) -> Step:
+    if case.op == "logprobs":
+        return _direct("triton-filtered", grad_filter=True)(case, device)
+    return _ours("triton", grad_filter=True)(case, device)
+
+
+def _variant_impl(name: str) -> Impl:
+    """The row of one kernel variant, with its cost model and mode from its ``KernelVariant``."""
+    try:
+        from safedpo_kernels.kernels import get_variant
+
+        v = get_variant(name)
+    except ImportError:
+        v = None
+    det = bool(getattr(v, "det_pair", False))
+    return Impl(f"triton[{name}]", f"ours: Triton variant {name}", "safedpo", True, _direct(f"triton[{name}]", variant=name),
+                _variant_reason, nhv=10.0 if det else None, frozen_fast=bool(getattr(v, "frozen_kernel", True)),
+                exact=not getattr(v, "vocab_order", False), deterministic=det,
+                note=getattr(v, "description", ""))
 
 
 def _variant_reason(case: Case, device: torch.device) -> str | None:
@@ -264,21 +311,20 @@ def _build_cce(case: Case, device: torch.device) -> Step:
 IMPLS: dict[str, Impl] = {
     i.name: i
     for i in [
-        Impl("triton", "ours: Triton exact", "safedpo", True, _ours("triton"), _triton_reason),
-        Impl("triton-filtered", "ours: Triton, grad filter", "safedpo", True, _ours("triton", grad_filter=True),
-             _triton_reason, note="backward skips tiles whose softmax is below the dtype's resolution"),
+        Impl("triton", "ours: Triton exact", "safedpo", True, _triton_exact, _triton_reason),
+        Impl("triton-filtered", "ours: Triton, grad filter", "safedpo", True, _filtered, _triton_reason,
+             exact=False, note="backward skips tiles whose softmax is below the dtype's resolution"),
         Impl("triton-deterministic", "ours: Triton, deterministic", "safedpo", True,
-             _ours("triton", deterministic=True), _triton_reason, nhv=10.0,
+             _ours("triton", deterministic=True), _triton_reason, nhv=10.0, deterministic=True,
              note="owner-computes backward, bit-identical run to run (logits recomputed twice: 10NHV)"),
         Impl("torch", "ours: torch chunked", "safedpo", True, _ours("torch"), _never),
         Impl("eager", "eager PyTorch (logits materialized)", "safedpo", False, _build_eager, _never),
         Impl("compile", "torch.compile(eager)", "safedpo", False, _build_compile, _compile_reason, warmup=3),
         Impl("liger", "Liger LigerFusedLinearDPOLoss", "dpo", False, _build_liger, _liger_reason,
              note="plain DPO: Liger has no safety flags, T(D) or margin; compared with reference DPO"),
-        Impl("cce", "Cut Cross-Entropy + our loss", "safedpo", True, _build_cce, _cce_reason,
+        Impl("cce", "Cut Cross-Entropy + our loss", "safedpo", True, _build_cce, _cce_reason, exact=False,
              note="CCE's default filter_eps='high' (gradient filtering on)"),
     ]
 }
 for _name in kernel_variants():
-    IMPLS[f"triton[{_name}]"] = Impl(f"triton[{_name}]", f"ours: Triton variant {_name}", "safedpo", True,
-                                     _variant(_name), _variant_reason)
+    IMPLS[f"triton[{_name}]"] = _variant_impl(_name)

@@ -159,6 +159,9 @@ def _fallback_source(fn, dtype: str, upcast: bool, cfg, flags: dict):
     if "GROUP_M" in fn.arg_names:
         constexprs["GROUP_M"] = cfg.group_m
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    for arg, param in zip(fn.arg_names, fn.params):  # flags this enumeration does not know: off
+        if param.is_constexpr and arg not in constexprs and arg not in _UNIT_STRIDES:
+            constexprs[arg] = False
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in constexprs or arg in _UNIT_STRIDES:

@@ -23,7 +23,7 @@ def _load():
 def test_arguments():
     gpu_check = _load()
     args = gpu_check.parse_args([])
-    assert args.budget_s == 180 and args.shape_list is None and args.reps == 5
+    assert args.budget_s == 180 and args.shape_list is None and args.reps == 3
     args = gpu_check.parse_args(["--shapes", "llama3-8b:4096,x:64:1000:32"])
     assert args.shape_list == [("llama3-8b", 4096), (("x", 64, 1000), 32)]
     for bad in (["--shapes", "a:b"], ["--reps", "0"], ["--budget-s", "0"]):
@@ -48,7 +48,8 @@ def test_verdict_never_passes_when_a_check_did_not_run(tmp_path):
 
     assert FakeRun([_row("triton", verdict="PASS"), _row("eager", verdict="baseline")]).verdict()[0] == "PASS"
     assert FakeRun([_row("triton", verdict="FAIL")]).verdict()[0] == "FAIL"
-    assert FakeRun([_row("triton[x]", status="error", error="boom")]).verdict()[0] == "FAIL"
+    assert FakeRun([_row("triton[default]", status="error", error="boom")]).verdict()[0] == "FAIL"
+    assert FakeRun([_row("triton[x]", status="error", error="boom")]).verdict()[0] == "INCOMPLETE"  # a candidate
     assert FakeRun([_row("torch", status="OOM")]).verdict()[0] == "FAIL"
     assert FakeRun([_row("eager", status="OOM")]).verdict()[0] == "PASS"  # a baseline's OOM is a measurement
     assert FakeRun([_row("cce", status="skipped", error="not installed")]).verdict()[0] == "INCOMPLETE"
@@ -82,9 +83,15 @@ def test_dry_run_runs_every_row(tmp_path):
                 continue
             assert r["status"] == "ok", r
             assert r["median_ms"] > 0 and r["pct_gemm_useful"] > 0 and r["check"]["errors"], r
-            if impl in gpu_check.EXACT or impl.startswith("triton["):
+            if impl in gpu_check.EXACT:
                 assert r["check"]["verdict"] == "PASS", r["check"]
+            elif impl.startswith("triton["):  # candidates: measured and reported
+                assert r["check"]["verdict"] in ("PASS", "over eager bound (candidate)"), r["check"]
     assert by_impl["triton-deterministic"][0]["check"]["bit_identical"]
+    assert any("skipped_fraction" in r for r in by_impl["triton-filtered"])
+    if "triton[no_frozen_kernel]" in by_impl:  # the recompute path next to the frozen-head kernel
+        assert by_impl["triton[no_frozen_kernel]"][0]["case"]["frozen"]
+        assert any(r.get("frozen_head_kernel") for r in by_impl["triton"])
     assert any(r["case"]["frozen"] for r in by_impl["triton"]) and any(r["case"]["op"] == "loss" for r in by_impl["triton"])
     assert "not run in the dry run" in md and "Goals (issue 18)" in md
 
