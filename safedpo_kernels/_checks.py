@@ -7,6 +7,10 @@ rather than a CUDA assert or a silently wrong loss.
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -35,13 +39,78 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     return value  # type: ignore[return-value]
 
 
-def check_beta_delta(beta: float, delta: float | None = None) -> None:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
-        raise ValueError(f"beta: expected a number > 0, got {beta!r}")
-    if delta is not None and (
-        isinstance(delta, bool) or not isinstance(delta, (int, float)) or not delta >= 0
-    ):
-        raise ValueError(f"delta: expected a number >= 0, got {delta!r}")
+def _real_number(name: str, value: object) -> float:
+    """A Python / numpy real number or a 0-dim real tensor as a float; bools and others refused."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.dtype.is_complex:
+            raise TypeError(f"{name}: expected a real number, got a tensor of shape {tuple(value.shape)} "
+                            f"and dtype {value.dtype}")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or type(value).__name__ == "bool_":
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_positive_finite(name: str, value: object) -> float:
+    """A finite real number > 0 (Python, numpy or 0-dim tensor) as a float."""
+    x = _real_number(name, value)
+    if not math.isfinite(x) or not x > 0:
+        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+    return x
+
+
+def check_beta_delta(beta: object, delta: object | None = None) -> tuple[float, float | None]:
+    """beta: finite > 0; delta (when given): finite >= 0. Numpy scalars and 0-dim tensors accepted.
+
+    Returns ``(float(beta), float(delta) or None)``. Raises TypeError for bools and non-numbers,
+    ValueError for inf, NaN and out-of-range values; each message names beta or delta.
+    """
+    b = check_positive_finite("beta", beta)
+    if delta is None:
+        return b, None
+    d = _real_number("delta", delta)
+    if not math.isfinite(d) or not d >= 0:
+        raise ValueError(f"delta: expected a finite number >= 0, got {delta!r}")
+    return b, d
+
+
+def check_ignore_index(name: str, value: object) -> int:
+    """An integer label marker: Python / numpy integers or a 0-dim integer tensor; never truncated.
+
+    Floats (even -100.0 or -100.9), bools and non-numbers raise TypeError naming ``name``.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{name}: expected an integer, got a tensor of shape {tuple(value.shape)} "
+                            f"and dtype {value.dtype}")
+        return int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def check_logit_transform(logit_scale: object, softcap: object | None) -> tuple[float, float | None]:
+    """logit_scale: finite > 0; softcap: None or finite > 0. -> (float scale, float cap or None)."""
+    scale = check_positive_finite("logit_scale", logit_scale)
+    cap = None if softcap is None else check_positive_finite("softcap", softcap)
+    return scale, cap
+
+
+def env_positive_float(var: str, default: float) -> float:
+    """A finite number > 0 read from the environment variable ``var`` (``default`` when unset)."""
+    raw = os.environ.get(var)
+    if raw is None:
+        return default
+    try:
+        x = float(raw)
+    except ValueError:
+        raise ValueError(f"{var}: expected a finite number > 0, got {raw!r}") from None
+    if not math.isfinite(x) or not x > 0:
+        raise ValueError(f"{var}: expected a finite number > 0, got {raw!r}")
+    return x
+
+
+LINEAR_NAMES = ("hidden", "weight", "labels", "bias")
 
 
 def check_linear_inputs(
@@ -49,23 +118,26 @@ def check_linear_inputs(
     weight: object,
     labels: object,
     bias: object,
-    ignore_index: int,
+    ignore_index: object,
     *,
-    hidden_name: str = "hidden",
-    weight_name: str = "weight",
-    labels_name: str = "labels",
-    bias_name: str = "bias",
-) -> None:
+    names: tuple[str, str, str, str] = LINEAR_NAMES,
+) -> int:
     """Validate the ``(hidden, weight, labels, bias)`` of a linear-head log-prob computation.
 
-    hidden (..., H) float, weight (V, H) same dtype and device, labels (...) integer in
-    [0, V) or ``ignore_index``, bias (V,) or None.
+    hidden (..., H) float with H >= 1, weight (V, H) same dtype and device with V >= 1, labels (...)
+    integer in [0, V) or ``ignore_index``, bias (V,) or None. ``names`` are the four arguments'
+    names as the caller's users wrote them (e.g. ``("_input", "lin_weight", "target", "bias")``).
+    Returns ``ignore_index`` as an int (see :func:`check_ignore_index`).
     """
+    hidden_name, weight_name, labels_name, bias_name = names
+    ignore_index = check_ignore_index("ignore_index", ignore_index)
     h = check_float_tensor(hidden_name, hidden)
     w = check_float_tensor(weight_name, weight)
     y = check_tensor(labels_name, labels)
     if w.dim() != 2:
         raise ValueError(f"{weight_name}: expected shape (V, H), got {tuple(w.shape)}")
+    if w.shape[0] == 0 or w.shape[1] == 0:
+        raise ValueError(f"{weight_name}: expected shape (V, H) with V >= 1 and H >= 1, got {tuple(w.shape)}")
     if h.dim() < 1 or h.shape[-1] != w.shape[1]:
         raise ValueError(
             f"{hidden_name}: expected shape (..., H) with H={w.shape[1]} (from {weight_name}), "
@@ -79,7 +151,7 @@ def check_linear_inputs(
         raise TypeError(f"{labels_name}: expected an integer tensor, got {y.dtype}")
     if tuple(y.shape) != tuple(h.shape[:-1]):
         raise ValueError(
-            f"{labels_name}: expected shape {tuple(h.shape[:-1])} (hidden without its last dim), "
+            f"{labels_name}: expected shape {tuple(h.shape[:-1])} ({hidden_name} without its last dim), "
             f"got {tuple(y.shape)}"
         )
     if y.device != h.device:
@@ -100,6 +172,7 @@ def check_linear_inputs(
                     f"{labels_name}: expected values in [0, {w.shape[0]}) or "
                     f"ignore_index={ignore_index}, got {bad}"
                 )
+    return ignore_index
 
 
 def as_flags(name: str, value: object, size: int, device: torch.device) -> torch.Tensor:

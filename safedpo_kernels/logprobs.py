@@ -1,11 +1,23 @@
 """``linear_logprobs``: per-token log-probs of a linear head without materializing the logits.
 
-Two exact paths compute ``log_softmax(hidden @ weight.T + bias)[label]`` and its gradients:
+Logits are ``z = hidden @ weight.T + bias``, then ``l = softcap * tanh(logit_scale * z / softcap)``
+when ``softcap`` is set, else ``l = logit_scale * z``; the result is ``log_softmax(l)[label]``.
+Two exact paths compute it and its gradients:
 
-* ``impl="torch"``: a chunked ``torch.autograd.Function`` that runs on any device. Tokens are
-  processed in chunks whose ``chunk x vocab_block`` float32 logits fit a memory budget; only the
-  per-token log-sum-exp (N floats) is kept between forward and backward, and each chunk's logits
-  are recomputed in backward. All arithmetic is float32 (float64 for float64 inputs).
+* ``impl="torch"``: chunked ``torch.autograd.Function``s that run on any device (docs/torch_path.md).
+  Matmuls run in the inputs' dtype with float32 results (float64 for float64 inputs); everything
+  else (log-sum-exp, softmax, gradient of the logits, accumulations) is float32. Tiles of
+  ``token chunk x vocab block`` logits fit a memory budget. Two autograd Functions:
+
+  - recompute path (``ChunkedLinearLogprobs``): the forward keeps only the per-token log-sum-exp;
+    the backward recomputes each tile's logits (8NHV FLOPs in all);
+  - frozen-head path (``FrozenHeadLinearLogprobs``), chosen when ``weight`` / ``bias`` need no
+    gradient and ``hidden`` does: the forward also accumulates the softmax-weighted row mean
+    ``sum_v p_v c'_v W_v`` online (flash-attention style) and keeps one float32 (N, H) buffer; the
+    backward is elementwise (4NHV FLOPs in all).
+
+  Both ignore autocast (computing in the inputs' dtype), turn a non-finite log-prob into NaN (and
+  its gradients with it) and raise a clear error on double backward.
 * ``impl="triton"``: the fused Triton kernels (``safedpo_kernels.triton_logprobs``).
 
 Both see only the tokens whose label is not ``ignore_index``: those are gathered before any matmul
@@ -14,92 +26,262 @@ and the result is scattered back with exact zeros at ignored positions.
 
 from __future__ import annotations
 
-import os
+import contextlib
+import math
+from dataclasses import dataclass
 
 import torch
 
-from safedpo_kernels._checks import IMPLS, check_choice, check_linear_inputs
+from safedpo_kernels._checks import (
+    IMPLS,
+    check_choice,
+    check_linear_inputs,
+    check_logit_transform,
+    env_positive_float,
+)
 
-#: Bytes of float32 logits (and their softmax / gradient) one chunk may hold at once.
-#: Override with the environment variable SAFEDPO_CHUNK_BUDGET_MB.
+#: Bytes of tile buffers (logits and their exponentials / gradient, low-precision copies; for
+#: low-precision weight gradients over several token chunks also a float32 (vocab block, H)
+#: accumulator) alive at once. Override with the environment variable SAFEDPO_CHUNK_BUDGET_MB.
 DEFAULT_CHUNK_BUDGET_BYTES = 48 * 2**20
-#: Rows of the weight upcast to float32 at a time for bf16/fp16 inputs (float32 weights are used
-#: in place, as one block).
-LOW_PRECISION_VOCAB_BLOCK = 8192
-#: float32 buffers of shape (chunk, vocab_block) alive at once inside a chunk (logits, probs, grad).
-_LIVE_BUFFERS = 3
+#: Smallest token chunk (unless there are fewer tokens) and the vocabulary block the token chunk is
+#: sized for: tiles are as tall as the budget allows with blocks of at least MIN_VOCAB_BLOCK rows,
+#: so every matmul is large at any V (docs/torch_path.md has the measurements behind the choice).
+MIN_TOKEN_CHUNK = 256
+MIN_VOCAB_BLOCK = 1024
+#: Bytes per tile cell: three float32 (float64 for float64 inputs) buffers, or for bf16/fp16 one
+#: float32 buffer, its low-precision copy, the low-precision GEMM output and (capped heads) tanh.
+_BYTES_PER_CELL = {torch.float64: 24}
+_DEFAULT_BYTES_PER_CELL = 12
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """The logit transform after ``z = h @ W.T + b``: ``cap * tanh(scale * z / cap)`` or ``scale * z``."""
+
+    logit_scale: float = 1.0
+    softcap: float | None = None
 
 
 def _chunk_budget_bytes() -> int:
-    env = os.environ.get("SAFEDPO_CHUNK_BUDGET_MB")
-    if env is None:
-        return DEFAULT_CHUNK_BUDGET_BYTES
-    try:
-        mb = float(env)
-    except ValueError:
-        raise ValueError(f"SAFEDPO_CHUNK_BUDGET_MB: expected a number of MiB, got {env!r}") from None
-    if mb <= 0:
-        raise ValueError(f"SAFEDPO_CHUNK_BUDGET_MB: expected a number > 0, got {env!r}")
-    return int(mb * 2**20)
-
-
-def chunk_sizes(num_tokens: int, vocab: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(token chunk, vocab block) for the torch path: ``chunk * vocab_block * 4 * 3 <= budget``."""
-    vocab_block = vocab if dtype in (torch.float32, torch.float64) else min(vocab, LOW_PRECISION_VOCAB_BLOCK)
-    elem = 8 if dtype == torch.float64 else 4
-    chunk = _chunk_budget_bytes() // max(1, vocab_block * elem * _LIVE_BUFFERS)
-    return max(1, min(num_tokens, chunk)), vocab_block
+    mb = env_positive_float("SAFEDPO_CHUNK_BUDGET_MB", DEFAULT_CHUNK_BUDGET_BYTES / 2**20)
+    return max(1, int(mb * 2**20))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def tile_sizes(num_tokens: int, vocab: int, hidden: int, dtype: torch.dtype,
+               weight_grad_block: bool = False) -> tuple[int, int]:
+    """(token chunk, vocab block) of the torch path within ``SAFEDPO_CHUNK_BUDGET_MB``.
+
+    Everything in one tile if it fits; else the token chunk is as large as the budget allows with
+    vocabulary blocks of ``MIN_VOCAB_BLOCK`` rows (at least ``MIN_TOKEN_CHUNK`` tokens), and the
+    vocabulary block takes the rest of the budget. ``weight_grad_block``: low-precision weight
+    gradients, which need a float32 (vocab block, hidden) accumulator when the tokens span several
+    chunks; it is then counted in the budget.
+    """
+    budget = _chunk_budget_bytes()
+    per_cell = _BYTES_PER_CELL.get(dtype, _DEFAULT_BYTES_PER_CELL)
+    cells = max(1, budget // per_cell)
+    if num_tokens * vocab <= cells:
+        return max(1, num_tokens), vocab
+    chunk = min(num_tokens, max(MIN_TOKEN_CHUNK, cells // MIN_VOCAB_BLOCK))
+    block = max(1, min(vocab, cells // max(1, chunk)))
+    if block == vocab:
+        chunk = min(num_tokens, max(chunk, cells // vocab))
+    if weight_grad_block and chunk < num_tokens:
+        block = max(1, min(block, budget // (chunk * per_cell + 4 * hidden)))
+    return max(1, chunk), block
+
+
 # ---------------------------------------------------------------------------------------------
-# The chunked torch path
+# Tiles: matmuls in the inputs' dtype with float32 results, the logit transform
 # ---------------------------------------------------------------------------------------------
 
-
-def _vocab_blocks(weight: torch.Tensor, bias: torch.Tensor | None, vocab_block: int, acc: torch.dtype):
-    """Yield (start, weight block, bias block) upcast to the accumulation dtype."""
-    for v0 in range(0, weight.shape[0], vocab_block):
-        w = weight[v0 : v0 + vocab_block].to(acc)
-        b = None if bias is None else bias[v0 : v0 + vocab_block].to(acc)
-        yield v0, w, b
+_OUT_DTYPE_MM: dict[str, bool] = {}
 
 
-def _target_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):
-    """z_i = h_i . W[y_i] + b[y_i] for a chunk, in the accumulation dtype h already has."""
-    z = (h * weight[labels].to(h.dtype)).sum(-1)
+def _mm_out_dtype_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for ``dtype`` on this device type."""
+    key = f"{device.type}:{dtype}"
+    if key not in _OUT_DTYPE_MM:
+        try:
+            a = torch.ones(2, 2, dtype=dtype, device=device)
+            _OUT_DTYPE_MM[key] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, NotImplementedError, TypeError):
+            _OUT_DTYPE_MM[key] = False
+    return _OUT_DTYPE_MM[key]
+
+
+def mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``a @ b`` in the operands' dtype with an ``acc`` result.
+
+    float32/float64 operands: a plain matmul. bfloat16/float16: a GEMM with a float32 output where
+    the backend has one (``out_dtype``, CUDA), else the low-precision GEMM (float32 accumulation
+    inside, one rounding of its output, as eager PyTorch) upcast to float32.
+    """
+    out = mm_native(a, b, acc)
+    return out if out.dtype == acc else out.to(acc)
+
+
+def mm_native(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``a @ b`` with an ``acc`` result where the backend has one, else in the operands' dtype
+    (the caller folds the upcast into its next elementwise pass)."""
+    if a.dtype != acc and _mm_out_dtype_supported(a.device, a.dtype):
+        return torch.mm(a, b, out_dtype=acc)
+    return a @ b
+
+
+def _tile_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, head: HeadOptions,
+                 acc: torch.dtype, row_offset: torch.Tensor | None = None):
+    """``l + row_offset[:, None]`` (T, Vb) in ``acc``, and for a capped head t = tanh(scale z / cap).
+
+    h (T, H), w (Vb, H) in the inputs' dtype, b (Vb,) or None, row_offset (T,) ``acc`` or None.
+    Without a cap, the scale and the row offset are folded into the GEMM (``addmm``) or into the
+    upcast of a low-precision GEMM output, so the tile is written once or twice, not four times.
+    """
+    scale, cap = head.logit_scale, head.softcap
+    if cap is None and row_offset is not None and h.dtype == acc:
+        out = torch.addmm(row_offset[:, None], h, w.T, alpha=scale)
+    else:
+        z = mm_native(h, w.T, acc)
+        if cap is None:
+            if row_offset is not None:
+                out = torch.add(row_offset[:, None], z, alpha=scale)  # upcast + scale + offset, one pass
+            else:
+                out = z if z.dtype == acc else z.to(acc)
+                if scale != 1.0:
+                    out.mul_(scale)
+        else:
+            z = z if z.dtype == acc else z.to(acc)
+            if b is not None:
+                z += b.to(acc)
+            t = z.mul_(scale / cap).tanh_()
+            if row_offset is None:
+                return t * cap, t
+            return torch.add(row_offset[:, None], t, alpha=cap), t
+    if b is not None:
+        out.add_(b.to(acc), alpha=scale)
+    return out, None
+
+
+def _cap_derivative_(t: torch.Tensor, head: HeadOptions) -> torch.Tensor:
+    """dl/dz = scale * (1 - t^2) from t = tanh(scale z / cap), in place on t."""
+    return t.mul_(t).neg_().add_(1.0).mul_(head.logit_scale)
+
+
+def _target_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                   head: HeadOptions, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """l_y (T,) and dl/dz at the target (T,), in ``acc``: z_y = h . W[y] + b[y] in ``acc`` arithmetic."""
+    z = (h.to(acc) * weight[labels].to(acc)).sum(-1)
     if bias is not None:
-        z = z + bias[labels].to(h.dtype)
-    return z
+        z = z + bias[labels].to(acc)
+    if head.softcap is None:
+        return z * head.logit_scale, torch.full_like(z, head.logit_scale)
+    t = torch.tanh(z * (head.logit_scale / head.softcap))
+    return t * head.softcap, (1 - t * t) * head.logit_scale
+
+
+def _nan_where_nonfinite_(logp: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """NaN for a token whose hidden state has a non-finite entry (a softcap would otherwise turn an
+    infinite logit into a finite log-prob) and for an infinite log-prob (a +inf logit, or a label at
+    a logit of -inf): never a number a loss could turn finite. In place on logp (T,); h (T, H)."""
+    bad = ~torch.isfinite(logp) | ~torch.isfinite(h).all(-1)
+    return logp.masked_fill_(bad, float("nan"))
+
+
+def _spans(total: int, step: int):
+    for start in range(0, total, step):
+        yield start, min(total, start + step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward sweeps
+# ---------------------------------------------------------------------------------------------
 
 
 def chunked_forward(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    head: HeadOptions = HeadOptions(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and log-sum-exp, (M,) each, float32 (float64 for float64 inputs).
 
-    For each token chunk: lse = logsumexp over vocab blocks of h @ W_blk.T + b_blk (an online
-    log-sum-exp across blocks), logp = h . W[y] + b[y] - lse.
+    hidden (M, H), weight (V, H), bias (V,) or None, labels (M,) int64 in [0, V). Token chunks
+    outside, vocabulary blocks inside with an online log-sum-exp; logp = l_y - lse.
     """
     m = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
-    chunk, vocab_block = chunk_sizes(m, weight.shape[0], hidden.dtype)
+    chunk, block = tile_sizes(m, weight.shape[0], weight.shape[1], hidden.dtype)
     logp = torch.empty(m, dtype=acc, device=hidden.device)
     lse = torch.empty(m, dtype=acc, device=hidden.device)
-    for s in range(0, m, chunk):
-        h = hidden[s : s + chunk].to(acc)
-        run = torch.full((h.shape[0],), float("-inf"), dtype=acc, device=hidden.device)
-        for _, w, b in _vocab_blocks(weight, bias, vocab_block, acc):
-            logits = h @ w.T
-            if b is not None:
-                logits += b
-            run = torch.logaddexp(run, torch.logsumexp(logits, dim=-1))
-        lse[s : s + chunk] = run
-        logp[s : s + chunk] = _target_logits(h, weight, bias, labels[s : s + chunk]) - run
+    for s0, s1 in _spans(m, chunk):
+        h = hidden[s0:s1]
+        run = None
+        for v0, v1 in _spans(weight.shape[0], block):
+            logits, _ = _tile_logits(h, weight[v0:v1], None if bias is None else bias[v0:v1], head, acc)
+            part = torch.logsumexp(logits, dim=-1)
+            run = part if run is None else torch.logaddexp(run, part)
+        lse[s0:s1] = run
+        logp[s0:s1] = _nan_where_nonfinite_(_target_logits(h, weight, bias, labels[s0:s1], head, acc)[0] - run, h)
     return logp, lse
+
+
+def frozen_head_forward(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    head: HeadOptions = HeadOptions(),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs (M,) and the gradient direction D (M, H), both float32 (float64 for float64 inputs).
+
+    d logp_i / d h_i = c'_{i,y_i} W[y_i] - sum_v p_iv c'_iv W_v =: D_i, with p the softmax of the
+    transformed logits l and c' = dl/dz (``logit_scale``, or ``logit_scale * (1 - tanh^2)`` with a
+    cap). The sum is accumulated in the same sweep as the log-sum-exp: per vocabulary block, with
+    running max m, running sum s = sum exp(l - m) and running vector a = sum exp(l - m) c' W,
+    both rescaled by exp(m_old - m_new) when the max moves; at the end lse = m + log s and the mean
+    is a / s. The bias enters l (and so p) but not D.
+    """
+    m_tok, hid = hidden.shape
+    acc = _acc_dtype(hidden.dtype)
+    chunk, block = tile_sizes(m_tok, weight.shape[0], hid, hidden.dtype)
+    logp = torch.empty(m_tok, dtype=acc, device=hidden.device)
+    direction = torch.empty(m_tok, hid, dtype=acc, device=hidden.device)
+    for s0, s1 in _spans(m_tok, chunk):
+        h = hidden[s0:s1]
+        run_max = run_sum = mean = None
+        for v0, v1 in _spans(weight.shape[0], block):
+            w = weight[v0:v1]
+            logits, t = _tile_logits(h, w, None if bias is None else bias[v0:v1], head, acc)
+            new_max = logits.amax(-1) if run_max is None else torch.maximum(run_max, logits.amax(-1))
+            e = logits.sub_(new_max[:, None]).exp_()  # exp(l - m_new), in place
+            block_sum = e.sum(-1)
+            if t is not None:  # weight each probability by its own cap derivative
+                e.mul_(_cap_derivative_(t, head))
+            e_w = e if e.dtype == w.dtype else e.to(w.dtype)
+            if run_max is None:
+                run_sum, mean = block_sum, mm_acc(e_w, w, acc)
+            else:
+                alpha = torch.exp(run_max - new_max)
+                run_sum = run_sum.mul_(alpha).add_(block_sum)
+                if not bool((alpha == 1).all()):  # the max moved for some token: rescale its sum
+                    mean.mul_(alpha[:, None])
+                if e_w.dtype == acc:
+                    mean.addmm_(e_w, w)
+                else:
+                    mean += mm_native(e_w, w, acc)
+            run_max = new_max
+        mean.div_(run_sum[:, None])
+        if head.softcap is None and head.logit_scale != 1.0:
+            mean.mul_(head.logit_scale)
+        l_y, d_y = _target_logits(h, weight, bias, labels[s0:s1], head, acc)
+        logp[s0:s1] = _nan_where_nonfinite_(l_y - (run_max + torch.log(run_sum)), h)
+        torch.sub(weight[labels[s0:s1]].to(acc).mul_(d_y[:, None]), mean, out=direction[s0:s1])
+    return logp, direction
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward sweep of the recompute path
+# ---------------------------------------------------------------------------------------------
 
 
 def chunked_backward(
@@ -110,67 +292,176 @@ def chunked_backward(
     labels: torch.Tensor,
     lse: torch.Tensor,
     needs: tuple[bool, bool, bool],
+    head: HeadOptions = HeadOptions(),
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of sum(g * logp) w.r.t. (hidden, weight, bias), returned in the inputs' dtypes.
 
-    d logp_i / d z_ij = onehot(y_i)_j - softmax_ij, so with G = g * (onehot - softmax), recomputed
-    per chunk and vocab block from the saved lse:
-        grad_hidden = G @ W,   grad_weight = G.T @ H,   grad_bias = G.sum(0).
-    The one-hot part is added into the block's G in place (one element per token whose target falls
-    in the block), so no (tokens x vocab) one-hot and no scattered index_add over the weight.
+    d logp_i / d l_ij = onehot(y_i)_j - p_ij and dl/dz = c', so G = g (onehot - p) c' and
+    grad_hidden = G @ W, grad_weight = G.T @ H, grad_bias = G.sum(0), with each tile of G
+    recomputed from the saved lse. The row factor is taken out: with s = sign(g),
+    ``M = exp(l - lse + log|g| + log scale) [- scale |g| at the label] (* (1 - t^2) with a cap)``
+    (one GEMM with the offset folded in, one exp) gives G = -s M, so grad_hidden = -s (M @ W),
+    grad_weight = M.T @ (-s H), grad_bias = M.T @ (-s).
+
+    Vocabulary blocks outside, token chunks inside: a block's weight gradient is complete when its
+    token loop ends, written once in the weight's dtype (one GEMM, as eager, when all tokens fit one
+    chunk; else accumulated in a float32 block); grad_hidden accumulates in float32 (the output
+    itself for float32 inputs). M is rounded to the inputs' dtype for low-precision GEMMs, as eager
+    autograd rounds the logits' gradient.
     """
     need_h, need_w, need_b = needs
     m = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
-    chunk, vocab_block = chunk_sizes(m, weight.shape[0], hidden.dtype)
-    grad_h = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    low = hidden.dtype != acc
+    chunk, block = tile_sizes(m, weight.shape[0], weight.shape[1], hidden.dtype, weight_grad_block=need_w and low)
+    g = grad_logp.to(acc)
+    abs_g = g.abs()
+    row = -torch.sign(g)  # exact in every dtype (-1, 0, 1 or NaN)
+    offset = torch.log(abs_g).sub_(lse)
+    if head.logit_scale != 1.0:
+        offset += math.log(head.logit_scale)
+    onehot = abs_g * head.logit_scale
+    signed_hidden = hidden * row.to(hidden.dtype)[:, None] if need_w else None
+    u = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+    grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
     grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
-    g_all = grad_logp.to(acc)
-    for s in range(0, m, chunk):
-        h = hidden[s : s + chunk].to(acc)
-        y = labels[s : s + chunk]
-        g = g_all[s : s + chunk]
-        gh = torch.zeros_like(h) if need_h else None
-        for v0, w, b in _vocab_blocks(weight, bias, vocab_block, acc):
-            logits = h @ w.T
-            if b is not None:
-                logits += b
-            # G = g * (onehot - softmax), in place on the logits buffer.
-            grad_z = logits.sub_(lse[s : s + chunk, None]).exp_().mul_(-g[:, None])
-            rows = ((y >= v0) & (y < v0 + w.shape[0])).nonzero().squeeze(-1)
-            grad_z[rows, y[rows] - v0] += g[rows]
-            if need_h:
-                gh.addmm_(grad_z, w)
-            if need_w:
-                grad_w[v0 : v0 + w.shape[0]].addmm_(grad_z.T, h)
+    for v0, v1 in _spans(weight.shape[0], block):
+        w = weight[v0:v1]
+        b = None if bias is None else bias[v0:v1]
+        gw = grad_w[v0:v1] if need_w else None
+        gw_acc = None
+        for s0, s1 in _spans(m, chunk):
+            y = labels[s0:s1]
+            tile, t = _tile_logits(hidden[s0:s1], w, b, head, acc, row_offset=offset[s0:s1])
+            tile.exp_()
+            rows = ((y >= v0) & (y < v1)).nonzero().squeeze(-1)
+            tile[rows, y[rows] - v0] -= onehot[s0:s1][rows]
+            if t is not None:
+                tile.mul_(t.mul_(t).neg_().add_(1.0))
             if need_b:
-                grad_b[v0 : v0 + w.shape[0]] += grad_z.sum(0)
-        if need_h:
-            grad_h[s : s + chunk] = gh
-    return (
-        None if grad_h is None else grad_h.to(hidden.dtype),
-        None if grad_w is None else grad_w.to(weight.dtype),
-        None if grad_b is None else grad_b.to(bias.dtype),
-    )
+                grad_b[v0:v1].addmv_(tile.T, row[s0:s1])
+            tile_lo = tile.to(hidden.dtype) if low else tile
+            if need_h:
+                if low:
+                    u[s0:s1] += mm_native(tile_lo, w, acc)
+                else:
+                    u[s0:s1].addmm_(tile_lo, w)
+            if need_w:
+                hs = signed_hidden[s0:s1]
+                if s1 - s0 == m:  # one chunk holds every token: one GEMM writes the block
+                    _mm_into(gw, tile_lo.T, hs, acc)
+                elif not low:
+                    if s0 == 0:
+                        torch.mm(tile_lo.T, hs, out=gw)
+                    else:
+                        gw.addmm_(tile_lo.T, hs)
+                else:
+                    part = mm_native(tile_lo.T, hs, acc)
+                    gw_acc = part.to(acc) if gw_acc is None else gw_acc.add_(part)
+        if gw_acc is not None:
+            gw.copy_(gw_acc)
+    grad_h = None
+    if need_h:
+        grad_h = u.mul_(row[:, None]).to(hidden.dtype)
+    return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype)
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> None:
+    """out = a @ b, one GEMM in the operands' dtype rounded once to ``out``'s dtype."""
+    native_out = a.dtype == acc or not _mm_out_dtype_supported(a.device, a.dtype)
+    if native_out and a.dtype == out.dtype and out.is_contiguous():
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(mm_native(a, b, acc))
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+
+
+def _no_autocast(device: torch.device):
+    """Autocast off for this device type: the Functions compute in the inputs' dtype."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on a first-order gradient; differentiating through it raises a clear error.
+
+    ``anchors`` (tensors that require grad) connect the gradient to the graph under
+    ``create_graph=True``, so the error comes from here, not from autograd's "does not require grad".
+    """
+
+    @staticmethod
+    def forward(ctx, grad, *anchors):  # noqa: D102
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_):  # noqa: D102
+        raise RuntimeError(
+            "linear_logprobs: double backward (a gradient of its gradient) is not supported; the "
+            "first-order gradients with create_graph=True are exact but cannot be differentiated again"
+        )
+
+
+def _guard_double_backward(grads: tuple, anchors: tuple) -> tuple:
+    """Under create_graph=True, route each gradient through :class:`_NoDoubleBackward`."""
+    if not torch.is_grad_enabled():
+        return grads
+    live = tuple(a for a in anchors if a is not None and a.requires_grad)
+    if not live:
+        return grads
+    return tuple(g if g is None else _NoDoubleBackward.apply(g, *live) for g in grads)
+
+
+def _nan_upstream(grad_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Upstream gradient with NaN on tokens whose log-prob is NaN: their gradients are NaN too."""
+    bad = torch.isnan(logp)
+    return grad_logp.masked_fill(bad, float("nan")) if bool(bad.any()) else grad_logp
 
 
 class ChunkedLinearLogprobs(torch.autograd.Function):
-    """Autograd over the chunked torch path. Inputs are compacted: no ignored tokens."""
+    """Recompute path. Inputs are compacted: no ignored tokens. Options in a frozen HeadOptions."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels):  # noqa: D102 - shapes in linear_logprobs
-        logp, lse = chunked_forward(hidden, weight, bias, labels)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+    def forward(ctx, hidden, weight, bias, labels, head):  # noqa: D102 - shapes in linear_logprobs
+        with _no_autocast(hidden.device):
+            logp, lse = chunked_forward(hidden, weight, bias, labels, head)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, logp)
         ctx.has_bias = bias is not None
-        return logp.float() if hidden.dtype != torch.float64 else logp
+        ctx.head = head
+        return logp
 
     @staticmethod
     def backward(ctx, grad_logp):  # noqa: D102
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        hidden, weight, bias, labels, lse, logp = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
-        gh, gw, gb = chunked_backward(grad_logp, hidden, weight, bias if ctx.has_bias else None, labels, lse, needs)
-        return gh, gw, gb, None
+        with _no_autocast(hidden.device), torch.no_grad():
+            grads = chunked_backward(_nan_upstream(grad_logp, logp), hidden, weight,
+                                     bias if ctx.has_bias else None, labels, lse, needs, ctx.head)
+        return (*_guard_double_backward(grads, (grad_logp, hidden, weight, bias)), None, None)
+
+
+class FrozenHeadLinearLogprobs(torch.autograd.Function):
+    """Frozen-head path: gradient w.r.t. hidden only; D (M, H) float32 saved by the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, head, anchor):  # noqa: D102
+        with _no_autocast(hidden.device):
+            logp, direction = frozen_head_forward(hidden, weight, bias, labels, head)
+        ctx.save_for_backward(direction, logp, anchor)
+        ctx.hidden_dtype = hidden.dtype
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):  # noqa: D102
+        direction, logp, anchor = ctx.saved_tensors
+        with torch.no_grad():
+            g = _nan_upstream(grad_logp, logp).to(direction.dtype)
+            grad_h = (direction * g[:, None]).to(ctx.hidden_dtype)
+        return (*_guard_double_backward((grad_h,), (grad_logp, anchor)), None, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,11 +498,36 @@ def _resolve_impl(impl: str, device: torch.device) -> str:
 
 
 def _empty_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A (0,) float32 result still connected to every input, so backward gives zero gradients."""
-    out = (hidden[:0].float() @ weight[:0].float().T).sum(-1)
-    if bias is not None:
-        out = out + bias[:0].float().sum()
+    """A (0,) result still connected to every input, so backward gives zero gradients."""
+    acc = _acc_dtype(hidden.dtype)
+    with _no_autocast(hidden.device):
+        out = (hidden[:0].to(acc) @ weight[:0].to(acc).T).sum(-1)
+        if bias is not None:
+            out = out + bias[:0].to(acc).sum()
     return out
+
+
+def torch_linear_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
+    head: HeadOptions = HeadOptions(),
+) -> torch.Tensor:
+    """The torch path on compacted inputs: hidden (M, H), labels (M,) int64 in [0, V), M >= 1.
+
+    Picks the Function: frozen head (hidden needs a gradient, weight and bias do not), recompute
+    path (weight or bias needs one), or the forward sweep alone (no gradient needed).
+    """
+    grad = torch.is_grad_enabled()
+    need_h = grad and hidden.requires_grad
+    need_wb = grad and any(t is not None and t.requires_grad for t in (weight, bias))
+    if need_wb:
+        return ChunkedLinearLogprobs.apply(hidden, weight, bias, labels, head)
+    if need_h:
+        # A 0-dim zero whose graph leads to hidden without keeping it alive (SliceBackward and
+        # SumBackward save sizes only): lets a double backward reach the clear error.
+        anchor = hidden[:0].sum()
+        return FrozenHeadLinearLogprobs.apply(hidden, weight, bias, labels, head, anchor)
+    with _no_autocast(hidden.device), torch.no_grad():
+        return chunked_forward(hidden, weight, bias, labels, head)[0]
 
 
 def linear_logprobs(
@@ -221,6 +537,8 @@ def linear_logprobs(
     *,
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     impl: str = "auto",
     deterministic: bool = False,
     grad_filter: bool = False,
@@ -232,7 +550,11 @@ def linear_logprobs(
         weight: (V, H) head weight, same dtype and device as ``hidden``.
         labels: (...) integer targets in [0, V), or ``ignore_index``.
         bias: optional (V,) head bias.
-        ignore_index: label value that marks tokens without a target (prompt, padding).
+        ignore_index: label value that marks tokens without a target (prompt, padding); an integer.
+        logit_scale: finite > 0; logits are multiplied by it (Cohere ``logit_scale``, Granite
+            ``1 / logits_scaling``).
+        softcap: None or finite > 0; logits become ``softcap * tanh(logit_scale * z / softcap)``
+            (Gemma 2 ``final_logit_softcapping``).
         impl: "auto" (Triton on CUDA, torch otherwise), "torch" or "triton".
         deterministic: Triton path only: bit-identical gradients from run to run.
         grad_filter: Triton path only: skip backward tiles whose softmax is below the dtype's
@@ -240,10 +562,14 @@ def linear_logprobs(
 
     Returns:
         float32 tensor with ``labels``' shape (float64 for float64 inputs on the torch path):
-        ``log_softmax(hidden @ weight.T + bias)[labels]``, exactly 0.0 where ``labels == ignore_index``.
-        Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+        ``log_softmax(l)[labels]``, exactly 0.0 where ``labels == ignore_index``, NaN where an input
+        of that token is non-finite. Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``
+        (first order; double backward raises). Autocast does not change it: the computation runs
+        in the inputs' dtype with float32 accumulation. With ``weight`` and ``bias`` frozen and
+        ``hidden`` requiring grad, the frozen-head path is used automatically.
     """
-    check_linear_inputs(hidden, weight, labels, bias, ignore_index)
+    ignore_index = check_linear_inputs(hidden, weight, labels, bias, ignore_index)
+    head = HeadOptions(*check_logit_transform(logit_scale, softcap))
     for name, flag in (("deterministic", deterministic), ("grad_filter", grad_filter)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
@@ -262,14 +588,11 @@ def linear_logprobs(
         picked = _empty_logprobs(h, weight, bias)
     elif path == "triton":
         picked = _triton_module().triton_linear_logprobs(
-            h, weight, y, bias, deterministic=deterministic, grad_filter=grad_filter
+            h, weight, y, bias, logit_scale=head.logit_scale, softcap=head.softcap,
+            deterministic=deterministic, grad_filter=grad_filter,
         )
-    elif torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias)
-    ):
-        picked = ChunkedLinearLogprobs.apply(h, weight, bias, y)
     else:
-        picked = chunked_forward(h, weight, bias, y)[0]
+        picked = torch_linear_logprobs(h, weight, y, bias, head)
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     picked = picked.to(out_dtype)
     if not compact:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from safedpo_kernels._checks import check_linear_inputs
+from safedpo_kernels._checks import check_ignore_index, check_linear_inputs, check_logit_transform
 
 
 def reference_linear_logprobs(
@@ -20,19 +20,29 @@ def reference_linear_logprobs(
     *,
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """``log_softmax(hidden @ weight.T + bias)[labels]`` with the full (..., V) logits in memory.
+    """``log_softmax(l)[labels]`` with the full (..., V) logits in memory.
 
-    hidden (..., H), weight (V, H), labels (...) int. Returns float32 (float64 for float64 inputs)
-    with labels' shape, 0 where ``labels == ignore_index``. The matmul runs in the input dtype (as an
-    eager bf16 model does), the log-softmax in float32.
+    ``z = hidden @ weight.T + bias``; ``l = softcap * tanh(logit_scale * z / softcap)`` with a cap,
+    else ``l = logit_scale * z``. hidden (..., H), weight (V, H), labels (...) int. Returns float32
+    (float64 for float64 inputs: the ground truth of the tests) with labels' shape, 0 where
+    ``labels == ignore_index``. The matmul and bias add run in the input dtype (as an eager bf16
+    model does), the transform and log-softmax in float32. Plain autograd: no chunking.
     """
-    check_linear_inputs(hidden, weight, labels, bias, ignore_index)
+    ignore_index = check_linear_inputs(hidden, weight, labels, bias, ignore_index)
+    scale, cap = check_logit_transform(logit_scale, softcap)
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logp = torch.log_softmax(logits.to(out_dtype), dim=-1)
+    logits = logits.to(out_dtype)
+    if cap is not None:
+        logits = cap * torch.tanh(logits * (scale / cap))
+    elif scale != 1.0:
+        logits = logits * scale
+    logp = torch.log_softmax(logits, dim=-1)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
     picked = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
@@ -43,6 +53,7 @@ def reference_sequence_logps(
     token_logps: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100, average: bool = False
 ) -> torch.Tensor:
     """Sum (or mean over non-ignored tokens, 0 for rows with none) of (rows, T) token log-probs."""
+    ignore_index = check_ignore_index("ignore_index", ignore_index)
     valid = target != ignore_index
     total = torch.where(valid, token_logps, torch.zeros_like(token_logps)).sum(-1)
     if not average:
@@ -147,16 +158,24 @@ def reference_fused_safedpo(
     delta: float = 10.0,
     ignore_index: int = -100,
     average_log_prob: bool = False,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ):
-    """Eager SafeDPO from hidden states (2B, T, H): materialized logits, then the loss. -> (loss, metrics)."""
-    token_logps = reference_linear_logprobs(_input, lin_weight, target, bias=bias, ignore_index=ignore_index)
+    """Eager SafeDPO from hidden states (2B, T, H): materialized logits, then the loss. -> (loss, metrics).
+
+    ``logit_scale`` / ``softcap`` apply to the policy and the reference head alike.
+    """
+    head = {"logit_scale": logit_scale, "softcap": softcap}
+    token_logps = reference_linear_logprobs(_input, lin_weight, target, bias=bias, ignore_index=ignore_index, **head)
     seq = reference_sequence_logps(token_logps, target, ignore_index=ignore_index, average=average_log_prob)
     b = seq.shape[0] // 2
+    if ref_bias is not None and ref_weight is None:
+        raise ValueError("ref_bias: given without ref_weight (the reference head would use bias instead)")
     if ref_chosen_logps is None:
         with torch.no_grad():
             rw = lin_weight if ref_weight is None else ref_weight
             rb = (bias if ref_weight is None else ref_bias)
-            ref_tok = reference_linear_logprobs(ref_input, rw, target, bias=rb, ignore_index=ignore_index)
+            ref_tok = reference_linear_logprobs(ref_input, rw, target, bias=rb, ignore_index=ignore_index, **head)
             ref_seq = reference_sequence_logps(ref_tok, target, ignore_index=ignore_index, average=average_log_prob)
         ref_chosen_logps, ref_rejected_logps = ref_seq[:b], ref_seq[b:]
     return reference_safedpo_loss(

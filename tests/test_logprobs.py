@@ -10,29 +10,14 @@ import safedpo_kernels.logprobs as lp
 from safedpo_kernels import linear_logprobs
 from safedpo_kernels.reference import reference_linear_logprobs
 
+from logprobs_testutils import f64_grads, make_inputs, rel, small_chunks  # noqa: F401 (fixture)
 
-def _inputs(shape, h, v, dtype, ignore_frac=0.3, bias=False):
-    hidden = torch.randn(*shape, h, dtype=dtype) * 2
-    weight = torch.randn(v, h, dtype=dtype) / h**0.25
-    labels = torch.randint(0, v, shape)
-    labels[torch.rand(shape) < ignore_frac] = -100
-    b = torch.randn(v, dtype=dtype) if bias else None
-    return hidden, weight, labels, b
+
+_inputs = make_inputs
 
 
 def _f64_grads(hidden, weight, labels, bias, upstream):
-    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight)]
-    b = None if bias is None else bias.detach().double().requires_grad_()
-    out = reference_linear_logprobs(leaves[0], leaves[1], labels, bias=b)
-    grads = torch.autograd.grad((out * upstream.double()).sum(), leaves + ([b] if b is not None else []))
-    return out, grads
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Force several token chunks and (for bf16/fp16) several vocab blocks on tiny shapes."""
-    monkeypatch.setenv("SAFEDPO_CHUNK_BUDGET_MB", str(7 * 333 * 4 * 3 / 2**20))  # ~7 tokens per chunk
-    monkeypatch.setattr(lp, "LOW_PRECISION_VOCAB_BLOCK", 100)  # 333 = 3 full blocks + 33
+    return f64_grads(hidden, weight, labels, bias, upstream)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -64,12 +49,17 @@ def test_float64_is_exact_to_rounding(seed, small_chunks):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
 
 
+_rel = rel
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_no_worse_than_eager(seed, small_chunks, dtype):
-    """Error vs float64 (on the same low-precision inputs) within the same-dtype eager error + tol.
+    """Normwise error vs float64 (on the same low-precision inputs) at most the eager error (+10%).
 
-    The chunked path accumulates in float32 and rounds only its outputs (the gradients) to the input
-    dtype, so its error is at most one rounding of the result, while eager rounds the logits too.
+    Eager rounds the logits and their gradient to the input dtype; the chunked path keeps the logits'
+    softmax and gradient in float32 and rounds only the GEMM operands/outputs, so its error is at
+    most eager's; the 10% covers the per-vocab-block rounding of partial grad_hidden sums (measured
+    0.6-0.9x eager at these shapes). Elementwise maxima are not compared: near-zero entries make them noise.
     """
     hidden, weight, labels, b = _inputs((41,), 64, 333, dtype, bias=True)
     leaves = [hidden.requires_grad_(), weight.requires_grad_(), b.requires_grad_()]
@@ -79,25 +69,41 @@ def test_low_precision_no_worse_than_eager(seed, small_chunks, dtype):
     eager = reference_linear_logprobs(hidden, weight, labels, bias=b)
     eager_grads = torch.autograd.grad((eager * upstream).sum(), leaves)
     ref, ref_grads = _f64_grads(hidden, weight, labels, b, upstream)
-    eps = torch.finfo(dtype).eps
-    assert (out.double() - ref).abs().max() <= (eager.double() - ref).abs().max() + 1e-4
+    assert _rel(out, ref) <= 1.1 * _rel(eager, ref)
     for g, e, r in zip(grads, eager_grads, ref_grads):
         assert g.dtype == dtype
-        ours = ((g.double() - r).abs() / (r.abs() + 1e-3)).max()
-        theirs = ((e.double() - r).abs() / (r.abs() + 1e-3)).max()
-        assert ours <= theirs + 2 * eps, (ours, theirs)
+        assert _rel(g, r) <= 1.1 * _rel(e, r), (_rel(g, r), _rel(e, r))
 
 
-def test_chunk_size_follows_budget(monkeypatch):
-    monkeypatch.setenv("SAFEDPO_CHUNK_BUDGET_MB", "12")
-    chunk, block = lp.chunk_sizes(100_000, 32000, torch.float32)
-    assert block == 32000 and chunk * block * 4 * 3 <= 12 * 2**20 < (chunk + 1) * block * 4 * 3
-    chunk, block = lp.chunk_sizes(100_000, 128256, torch.bfloat16)
-    assert block == lp.LOW_PRECISION_VOCAB_BLOCK
-    assert lp.chunk_sizes(5, 32000, torch.float32)[0] == 5
-    monkeypatch.setenv("SAFEDPO_CHUNK_BUDGET_MB", "lots")
-    with pytest.raises(ValueError, match="SAFEDPO_CHUNK_BUDGET_MB"):
-        lp.chunk_sizes(10, 10, torch.float32)
+@pytest.mark.parametrize("budget_mb", [12, 48, 200])
+def test_tile_sizes_follow_budget(monkeypatch, budget_mb):
+    """Tiles fit the budget, token chunks stay large (>= MIN_TOKEN_CHUNK, and as tall as blocks of
+    MIN_VOCAB_BLOCK rows allow) at any V; a float32 weight-gradient block is counted when needed."""
+    monkeypatch.setenv("SAFEDPO_CHUNK_BUDGET_MB", str(budget_mb))
+    budget = budget_mb * 2**20
+    for n in (1, 300, 4096, 100_000):
+        for v in (7, 2000, 32000, 128256, 152064):
+            for dtype, cell in ((torch.float32, 12), (torch.bfloat16, 12), (torch.float64, 24)):
+                chunk, block = lp.tile_sizes(n, v, 2048, dtype)
+                assert 1 <= chunk <= n and 1 <= block <= v
+                if n * v * cell <= budget:
+                    assert (chunk, block) == (n, v)
+                    continue
+                assert chunk * block * cell <= budget
+                assert chunk >= min(n, lp.MIN_TOKEN_CHUNK)
+                assert chunk == n or block == v or chunk * lp.MIN_VOCAB_BLOCK * cell > budget - lp.MIN_VOCAB_BLOCK * cell
+                assert block == v or chunk * (block + 1) * cell > budget  # the block uses the budget
+                c2, b2 = lp.tile_sizes(n, v, 2048, dtype, weight_grad_block=True)
+                if c2 < n:
+                    assert c2 * b2 * cell + b2 * 2048 * 4 <= budget or b2 == 1
+
+
+def test_tile_sizes_at_the_benchmark_shapes():
+    """The default budget keeps hundreds to thousands of tokens per chunk at V=32000 and V=128256."""
+    assert lp.tile_sizes(4096, 32000, 1024, torch.float32) == (4096, 1024)
+    assert lp.tile_sizes(2048, 128256, 2048, torch.bfloat16) == (2048, 2048)
+    chunk, block = lp.tile_sizes(65536, 152064, 4096, torch.bfloat16, weight_grad_block=True)
+    assert chunk == 4096 and 512 <= block < 1024
 
 
 def test_all_ignored_gives_zeros_and_zero_grads(seed):
