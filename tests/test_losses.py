@@ -166,3 +166,72 @@ def test_bad_input_names_the_argument(kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         safedpo_loss(**args, **opts)
+
+
+def test_safety_transform_with_integer_flags_still_drops_both_unsafe():
+    for dtype in (torch.int64, torch.int32, torch.uint8, torch.float32):
+        t = safety_transform(torch.tensor([0, 0, 1, 1], dtype=dtype), torch.tensor([0, 1, 0, 1], dtype=dtype))
+        assert t.keep.dtype == torch.bool and t.keep.tolist() == [True, True, True, False]
+        assert t.swap.tolist() == [False, False, True, False]
+        assert t.safe_vs_unsafe.tolist() == [False, True, True, False]
+
+
+@pytest.mark.parametrize(
+    "cu,ru,exc,match",
+    [
+        (torch.tensor([0, 2]), torch.tensor([0, 1]), ValueError, "chosen_unsafe"),
+        (torch.tensor([0, 1]), torch.tensor([-1, 1]), ValueError, "rejected_unsafe"),
+        (torch.tensor([0, 1]), torch.tensor([0, 1, 1]), ValueError, "rejected_unsafe"),
+        ([0, 1], torch.tensor([0, 1]), TypeError, "chosen_unsafe"),
+        (torch.zeros(2, 1), torch.zeros(2), ValueError, "chosen_unsafe"),
+    ],
+)
+def test_safety_transform_rejects_other_values_naming_the_argument(cu, ru, exc, match):
+    with pytest.raises(exc, match=match):
+        safety_transform(cu, ru)
+
+
+def test_numpy_and_tensor_scalars_for_beta_and_delta(seed):
+    np = pytest.importorskip("numpy")
+    pc, pr, rc, rr = (t.detach() for t in _logps(6))
+    flags = (torch.tensor([0, 1, 0, 1, 0, 0]), torch.tensor([0, 0, 1, 1, 1, 0]))
+    expected = safedpo_loss(pc, pr, rc, rr, *flags, beta=0.25, delta=2.0)
+    for beta, delta in ((np.float32(0.25), np.float32(2.0)), (np.float64(0.25), np.int64(2)),
+                        (torch.tensor(0.25), torch.tensor(2.0))):
+        torch.testing.assert_close(safedpo_loss(pc, pr, rc, rr, *flags, beta=beta, delta=delta), expected,
+                                   rtol=1e-12, atol=0)
+    torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, beta=np.float32(0.25)), dpo_loss(pc, pr, rc, rr, beta=0.25),
+                               rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(beta=float("inf")), "beta"), (dict(delta=float("inf")), "delta"),
+                                          (dict(delta=float("nan")), "delta")])
+def test_nonfinite_beta_delta_rejected(kwargs, match):
+    z = torch.zeros(2)
+    with pytest.raises(ValueError, match=match):
+        safedpo_loss(z, z, z, z, torch.tensor([0, 1]), torch.tensor([0, 0]), **kwargs)
+
+
+def test_reference_free_is_zero_reference_and_needs_both_or_neither(seed):
+    pc, pr, _, _ = _logps(5)
+    flags = (torch.tensor([0, 1, 0, 1, 0]), torch.tensor([0, 0, 1, 1, 1]))
+    zero = torch.zeros(5, dtype=torch.float64)
+    a = safedpo_loss(pc, pr, None, None, *flags, beta=0.2, delta=1.0)
+    c = safedpo_loss(pc, pr, zero, zero, *flags, beta=0.2, delta=1.0)
+    torch.testing.assert_close(a, c, rtol=0, atol=0)
+    ref = reference_safedpo_loss(pc, pr, zero, zero, *flags, beta=0.2, delta=1.0)
+    torch.testing.assert_close(a, ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="both"):
+        safedpo_loss(pc, pr, zero, None, *flags)
+    with pytest.raises(ValueError, match="both"):
+        dpo_loss(pc, pr, None, zero)
+
+
+def test_count_kept_pairs():
+    from safedpo_kernels import count_kept_pairs
+
+    n = count_kept_pairs(torch.tensor([0, 1, 1, 0, 1]), torch.tensor([0, 0, 1, 1, 1]))
+    assert n.dtype == torch.int64 and n.dim() == 0 and int(n) == 3
+    assert int(count_kept_pairs(torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.bool))) == 0
+    with pytest.raises(ValueError, match="chosen_unsafe"):
+        count_kept_pairs(torch.tensor([3]), torch.tensor([0]))
