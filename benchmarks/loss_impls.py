@@ -119,7 +119,8 @@ def _ours(impl: str, grad_filter: bool = False, deterministic: bool = False) -> 
         module = FusedLinearSafeDPOLoss(beta=BETA, delta=DELTA, ignore_index=IGNORE_INDEX, impl=impl)
 
         def step(x):
-            loss, _ = module(x["weight"], x["_input"], x["target"], x["chosen_unsafe"], x["rejected_unsafe"],
+            loss, _ = module(x["weight"], x["_input"], x["target"], chosen_unsafe=x["chosen_unsafe"],
+                             rejected_unsafe=x["rejected_unsafe"],
                              ref_input=x["ref_input"], ref_weight=x["ref_weight"])
             return loss, loss
 

@@ -115,7 +115,7 @@ def _fallback_flag_combos(kernel: str) -> list[dict]:
     ``backward_logprobs``): bias or not, each requested gradient subset, filtering or not."""
     out = []
     for has_bias, filt in itertools.product((False, True), (False, True)):
-        if kernel == "forward":
+        if kernel in ("forward", "frozen"):
             if not filt:
                 out.append({"HAS_BIAS": has_bias})
         elif kernel == "grad_hidden":
@@ -133,13 +133,24 @@ def _fallback_flag_combos(kernel: str) -> list[dict]:
 def _fallback_jobs() -> list[Job]:
     """Today's four kernels x their table x every launchable flag combination x dtypes, built here
     (for a package without ``compile_targets()``), plus an UPCAST control per (arch, kernel, config)."""
-    from safedpo_kernels.kernels import backward, deterministic, forward
+    import importlib
+
     from safedpo_kernels.kernels.config import CONFIGS, all_configs
 
-    fns = {"forward": forward._forward_kernel, "backward": backward._backward_kernel,
-           "grad_hidden": deterministic._grad_hidden_kernel, "grad_weight": deterministic._grad_weight_kernel}
+    where = {"forward": ("forward", "_forward_kernel"), "backward": ("backward", "_backward_kernel"),
+             "grad_hidden": ("deterministic", "_grad_hidden_kernel"),
+             "grad_weight": ("deterministic", "_grad_weight_kernel"), "frozen": ("frozen", "_frozen_forward_kernel")}
+    fns = {}
+    for kernel, (module, name) in where.items():
+        try:
+            fns[kernel] = getattr(importlib.import_module(f"safedpo_kernels.kernels.{module}"), name)
+        except (ImportError, AttributeError):
+            pass
     out = []
     for arch, kernel, cls, cfg in all_configs():
+        if kernel not in fns:
+            raise KeyError(f"kernel {kernel!r} of the config table has no jit function known to the fallback "
+                           "enumeration: add compile_targets() to safedpo_kernels.kernels")
         default = CONFIGS[arch][kernel][cls][0] == cfg
         for flags in _fallback_flag_combos(kernel):
             dtypes = [(d, False) for d in CLASS_DTYPES[cls]] + ([("bf16", True)] if cls == "16bit" else [])

@@ -18,6 +18,7 @@ COMMITTED = ROOT / "benchmarks" / "results" / "compile_gate.txt"
 def _gate():
     spec = importlib.util.spec_from_file_location("compile_gate", ROOT / "scripts" / "compile_gate.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
