@@ -61,6 +61,7 @@ def test_verdict_never_passes_when_a_check_did_not_run(tmp_path):
     assert args.dry_run
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_row(tmp_path):
     gpu_check = _load()
     from benchmarks import loss
