@@ -1,6 +1,7 @@
 """Backward kernels: grad_hidden, grad_weight, grad_bias of sum_i g_i * logp_i.
 
-With G = g * (onehot(label) - softmax) (one tile at a time, recomputed from the saved LSE):
+With G = g * (onehot(label) - softmax(logits)) * dlogits/dz (one tile at a time, recomputed from
+the saved LSE; dlogits/dz is the logit transform's slope, ``common.logit_slope``):
     grad_hidden = G @ W,  grad_weight = G.T @ hidden,  grad_bias = G.sum(0).
 
 Two schemes, both float32 accumulation, neither ever holding a (tokens x vocab) buffer:
@@ -8,16 +9,18 @@ Two schemes, both float32 accumulation, neither ever holding a (tokens x vocab) 
 * ``_backward_kernel`` (default, ``deterministic=False``): one program per (token block, vocab
   block) tile recomputes the logits once and adds both products into float32 accumulators with
   relaxed ``atomic_add`` (8NHV FLOPs in all with the forward). Summation order depends on the
-  schedule, so the last bits vary run to run.
+  schedule, so the last bits vary run to run. Variants: ``STAGGER`` (each tile starts its walk over
+  the hidden dimension at a different block), and a grad_weight accumulator in the 16-bit input
+  dtype ("dw_lowp": the launcher passes a bf16/fp16 ``dw`` buffer; tile partials stay float32).
 * ``_grad_hidden_kernel`` + ``_grad_weight_kernel`` (``deterministic=True``, in
-  ``deterministic.py``): each program owns
-  its output rows (a token block, resp. a vocab block) and walks the other dimension in a fixed
-  order, adding into its rows with plain loads and stores; no atomics, bit-identical run to run.
-  The logits are recomputed in both kernels (10NHV FLOPs in all) and the float32 accumulator rows
-  are read and written once per step.
+  ``deterministic.py``): each program owns its output rows and walks the other dimension in a
+  fixed order, adding into its rows with plain loads and stores; no atomics, bit-identical run to
+  run (10NHV FLOPs in all).
 
 Gradient filtering (``FILTER=True``): a tile is skipped when none of its labels falls in it and
-its largest softmax value is below ``FILTER_EPS`` (see ``filter_eps``).
+its largest softmax value is below ``filter_eps``; skipped tiles are counted into an int32 device
+counter (``KernelStats``). The "filter_sorted" variant runs on a copy of the head sorted by mean
+logit (``_vocab_order``) so that the likely columns share few vocabulary blocks.
 The matmuls of G take G rounded to the input dtype (as eager bf16 autograd does), so they run on
 the tensor cores; the accumulators stay float32.
 """
@@ -291,7 +294,7 @@ def backward_logprobs(
             return configs[kernel]
         return pick_config(
             kernel, arch=arch, element_size=hidden.element_size(), sizes=(m, v, h),
-            interpreting=INTERPRETING, bench=lambda cfg: triton.testing.do_bench(lambda: fn(cfg)),
+            interpreting=INTERPRETING, softcap=softcap is not None, bench=lambda cfg: triton.testing.do_bench(lambda: fn(cfg)),
         )  # fmt: skip
 
     if deterministic:

@@ -6,6 +6,9 @@ with ``SAFEDPO_TRITON_AUTOTUNE=1`` (never under the interpreter). Autotuning res
 per process, keyed on the kernel, the dtype, the vocabulary and hidden sizes and the token count
 rounded up to a power of two, so a new batch length does not retune.
 
+A ``"<kernel>+softcap"`` entry, where present, serves that kernel's launches with a logit softcap
+(``pick_config(..., softcap=True)``).
+
 Architectures: ``"sm90"`` (Hopper; also used for newer cards), ``"sm80"`` (Ampere, Ada and
 anything older). Dtype classes: ``"16bit"`` (bfloat16, float16) and ``"32bit"`` (float32).
 ``scripts/compile_gate.py`` compiles every entry of this table for sm_90a and sm_80 and fails on
@@ -60,6 +63,10 @@ CONFIGS: dict[str, dict[str, dict[str, list[BlockConfig]]]] = {
         },
         "backward": {
             "16bit": [_C(128, 128, 32, 8, 3), _C(128, 64, 64, 8, 3)],
+            "32bit": [_C(64, 64, 32, 8, 2)],
+        },
+        "backward+softcap": {
+            "16bit": [_C(128, 64, 32, 8, 3)],
             "32bit": [_C(64, 64, 32, 8, 2)],
         },
         "grad_hidden": {
@@ -133,6 +140,7 @@ def pick_config(
     sizes: tuple[int, int, int],
     interpreting: bool,
     bench: Callable[[BlockConfig], float] | None = None,
+    softcap: bool = False,
 ) -> BlockConfig:
     """Block configuration for one launch.
 
@@ -143,9 +151,13 @@ def pick_config(
         sizes: (tokens, vocab, hidden); tokens are bucketed to a power of two for the cache key.
         interpreting: True under ``TRITON_INTERPRET=1``: returns ``INTERPRETER_CONFIG``.
         bench: ``config -> milliseconds``; used only when autotuning is on.
+        softcap: the launch has HAS_SOFTCAP; uses the ``"<kernel>+softcap"`` entry when the table
+            has one (the cap's extra live values need smaller tiles there to avoid spills).
     """
     if interpreting or arch is None:
         return INTERPRETER_CONFIG
+    if softcap and f"{kernel}+softcap" in CONFIGS[arch]:
+        kernel = f"{kernel}+softcap"
     candidates = CONFIGS[arch][kernel][dtype_class(element_size)]
     if bench is None or len(candidates) == 1 or not autotune_enabled(interpreting):
         return candidates[0]

@@ -198,7 +198,7 @@ def forward_logprobs(
     if config is None:
         config = pick_config(
             "forward", arch=arch, element_size=hidden.element_size(), sizes=(m, v, h),
-            interpreting=INTERPRETING, bench=bench,
+            interpreting=INTERPRETING, softcap=softcap is not None, bench=bench,
         )  # fmt: skip
     part_lse, part_tgt, part_other = launch(config, splits_for(config))
     if part_lse.shape[1] == 1:

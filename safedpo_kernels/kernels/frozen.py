@@ -145,7 +145,7 @@ def frozen_forward(
     arch, _ = device_arch_and_sms(hidden.device)
     if config is None:  # no autotuning here: the kernel writes its own accumulator (not re-runnable)
         config = pick_config(
-            "frozen", arch=arch, element_size=hidden.element_size(), sizes=(m, v, h), interpreting=INTERPRETING
+            "frozen", arch=arch, element_size=hidden.element_size(), sizes=(m, v, h), interpreting=INTERPRETING, softcap=softcap is not None
         )
     labels = labels.contiguous()
     bias_arg = bias.contiguous() if bias is not None else hidden

@@ -34,18 +34,24 @@ def make_inputs(m: int, h: int, v: int, *, bias: bool = True, peaked: float = 0.
     return hidden, weight, b, labels, g
 
 
-def eager_logprobs(hidden, weight, bias, labels):
+def eager_logprobs(hidden, weight, bias, labels, *, logit_scale=1.0, softcap=None):
+    """Eager reference in the inputs' dtype: transform(hidden @ weight.T + bias), log_softmax, gather."""
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits * (logit_scale / softcap))
+    else:
+        logits = logits * logit_scale
     return torch.log_softmax(logits, dim=-1).gather(1, labels[:, None])[:, 0]
 
 
-def values_and_grads(fn, hidden, weight, bias, labels, g, dtype):
-    """Run ``fn(hidden, weight, bias, labels)`` on copies cast to ``dtype``; return (logp, grads)."""
+def values_and_grads(fn, hidden, weight, bias, labels, g, dtype, *, only_hidden=False):
+    """Run ``fn(hidden, weight, bias, labels)`` on copies cast to ``dtype``; return (logp, grads)
+    (grads of hidden, weight, bias; of hidden alone with ``only_hidden``, a frozen head)."""
     leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
     out = fn(leaves[0], leaves[1], leaves[2], labels)
-    present = [t for t in leaves if t is not None]
+    present = [t for t in leaves[: 1 if only_hidden else 3] if t is not None]
     grads = torch.autograd.grad(out, present, g.to(out.dtype))
     return out.detach(), list(grads)
 
