@@ -397,6 +397,11 @@ def compile_index(subset_and_index: tuple[str, int]) -> dict:
     return compile_one(_JOBS[subset][index])
 
 
+def job_key(job: Job) -> str:
+    return row_key({"arch": job.arch, "kernel": job.kernel, "dtype": job.dtype, "config": str(job.config),
+                    "flags": job.flag_text(), "control": job.control})
+
+
 def row_key(row: dict) -> str:
     """Identity of a row across runs (what the committed full table is checked against)."""
     ctl = " UPCAST" if row.get("control") else ""
@@ -443,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the table (with its header) to this file")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON to this path")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compiles")
+    parser.add_argument("--progress", type=Path,
+                        help="append every finished row to this JSON-lines file; rows already in it (same key) "
+                             "are taken from it instead of compiled again, so an interrupted --full run resumes")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -456,14 +464,28 @@ def main(argv: list[str] | None = None) -> int:
         print("FAIL: upcast_flag(torch.bfloat16) is True in a compiling process: GPU builds would upcast")
         return 1
     subset = "full" if args.full else "ci"
-    todo = [(subset, i) for i in range(len(jobs(subset)))]
+    planned = jobs(subset)
+    keys = [job_key(j) for j in planned]
+    done: dict[str, dict] = {}
+    if args.progress and args.progress.exists():
+        for line in args.progress.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done[r["key"]] = r
+    todo = [(subset, i) for i, k in enumerate(keys) if k not in done]
     _, source = all_jobs()
     t0 = time.time()
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            rows = list(pool.map(compile_index, todo, chunksize=1))
-    else:
-        rows = [compile_index(j) for j in todo]
+    log = args.progress.open("a") if args.progress else None
+    print(f"# {len(planned)} compiles planned, {len(planned) - len(todo)} taken from {args.progress}", file=sys.stderr)
+    with ProcessPoolExecutor(max(1, args.jobs)) as pool:
+        for n, row in enumerate(pool.map(compile_index, todo, chunksize=1), 1):
+            done[row["key"]] = row
+            if log:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            print(f"[{n}/{len(todo)} {time.time() - t0:.0f} s] {row['key']}: {'ok' if row['ok'] else 'FAIL'}",
+                  file=sys.stderr, flush=True)
+    rows = [done[k] for k in keys]
     failed = [r for r in rows if not r["ok"]]
     controls = sum(r["control"] for r in rows)
     header = [

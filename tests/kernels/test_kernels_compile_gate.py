@@ -84,8 +84,7 @@ def test_committed_full_table_covers_every_target():
     python scripts/compile_gate.py --full --out benchmarks/results/compile_gate.txt"""
     gate = _gate()
     committed = gate.parse_table(COMMITTED.read_text())
-    expected = {gate.row_key({"arch": j.arch, "kernel": j.kernel, "dtype": j.dtype, "config": str(j.config),
-                              "flags": j.flag_text(), "control": j.control}) for j in gate.jobs("full")}
+    expected = {gate.job_key(j) for j in gate.jobs("full")}
     missing = sorted(expected - set(committed))
     assert not missing, f"{len(missing)} targets not in {COMMITTED.name}, e.g. {missing[:3]}; regenerate it"
     failed = sorted(k for k in expected if committed[k] != "ok")
