@@ -10,10 +10,11 @@ one x block configuration x dtype x dot precision x constexpr flag combination a
 produce: bias, softcap, gradient subsets, filtering, the variants' flags, the 16-bit grad-weight
 accumulator, and ``UPCAST``; each target builds the exact ``ASTSource`` a launch compiles). A
 package without that function gets the same enumeration of today's kernels from this script.
-``--full`` compiles every flag combination in bfloat16 at each kernel's default configuration, and
-every other (dtype / dot precision, configuration) pair at its heaviest flag combination (the most
-flags on); the CI subset compiles, per (arch, kernel), the default configuration in bf16 at its
-heaviest combination. float32 runs in both dot precisions ("ieee", PyTorch's default, and "tf32").
+``--full`` compiles, in bfloat16 at each kernel's default configuration, every flag combination
+for sm_90a and, for sm_80, the heaviest combination (most flags on) and each one with a single flag
+of it off (every flag compiled on and off); every other (dtype / dot precision, configuration) at
+its heaviest combination. The CI subset compiles, per (arch, kernel), the default configuration in
+bf16 at its heaviest combination. float32 runs in both dot precisions ("ieee", PyTorch's default, and "tf32").
 
 What is read, all from the cubin Triton produced and would load (no second compiler run):
 
@@ -234,10 +235,12 @@ def all_jobs() -> tuple[list[Job], str]:
 def jobs(subset: str) -> list[Job]:
     """The compiles of a subset, in a fixed order.
 
-    full: every flag combination in bf16 at each kernel's default configuration; every other
-    (dtype / dot precision, configuration) at its heaviest flag combination (most flags on); one
-    UPCAST control per (arch, kernel). ci: per (arch, kernel) the default configuration in bf16 at
-    its heaviest flag combination, and the forward kernel's UPCAST control per arch.
+    full: on sm_90a every flag combination in bf16 at each kernel's default configuration; on sm_80
+    (bf16, default configuration) the heaviest combination (most flags on) and each combination
+    with one flag of it turned off, so every flag is compiled on and off; every other (arch, dtype /
+    dot precision, configuration) at its heaviest combination; one UPCAST control per (arch,
+    kernel). ci: per (arch, kernel) the default configuration in bf16 at its heaviest combination,
+    and the forward kernel's UPCAST control per arch.
     """
     everything, _ = all_jobs()
     heaviest: dict[tuple, Job] = {}
@@ -247,14 +250,19 @@ def jobs(subset: str) -> list[Job]:
             heaviest[key] = j
     out: list[Job] = []
     for j in everything:
-        key = (j.arch, j.kernel, j.dtype, str(j.config), j.control)
-        is_heaviest = heaviest[key] is j
+        top = heaviest[(j.arch, j.kernel, j.dtype, str(j.config), j.control)]
+        is_heaviest = top is j
         if j.control:
             keep = is_heaviest and j.default and j.dtype == "bf16" and (subset == "full" or j.kernel == "forward")
         elif subset == "ci":
             keep = is_heaviest and j.default and j.dtype == "bf16"
+        elif j.dtype == "bf16" and j.default and j.arch == "sm90":
+            keep = True
+        elif j.dtype == "bf16" and j.default:
+            on, top_on = {k for k, v in j.flags if v is not False}, {k for k, v in top.flags if v is not False}
+            keep = on <= top_on and len(top_on - on) <= 1 and dict(j.flags).keys() == dict(top.flags).keys()
         else:
-            keep = (j.dtype == "bf16" and j.default) or is_heaviest
+            keep = is_heaviest
         if keep:
             out.append(j)
     return out

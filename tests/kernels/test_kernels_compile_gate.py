@@ -70,8 +70,15 @@ def test_every_launchable_flag_combination_is_a_job():
 
     assert {(a, k, str(c)) for a, k, _, c in all_configs()} <= {(j.arch, j.kernel, str(j.config)) for j in everything}
     full, ci = gate.jobs("full"), gate.jobs("ci")
-    bf16_default = {(j.arch, j.kernel, j.flags) for j in everything if j.dtype == "bf16" and j.default and not j.control}
-    assert bf16_default <= {(j.arch, j.kernel, j.flags) for j in full}  # every flag combination, compiled
+    hopper = {(j.kernel, j.flags) for j in everything if j.arch == "sm90" and j.dtype == "bf16" and j.default
+              and not j.control}
+    assert hopper <= {(j.kernel, j.flags) for j in full if j.arch == "sm90"}  # every flag combination, compiled
+    for kernel in {j.kernel for j in everything if j.arch == "sm80"}:  # sm_80: every flag on and off
+        flags = [dict(j.flags) for j in full if j.arch == "sm80" and j.kernel == kernel and j.dtype == "bf16"
+                 and j.default and not j.control]
+        for name in flags[0]:
+            values = {f.get(name, False) for f in flags}
+            assert len(values) >= 2 or all(j.flags == () for j in full if j.kernel == kernel), (kernel, name, values)
     assert {(j.arch, j.kernel, j.dtype, str(j.config)) for j in everything} == {
         (j.arch, j.kernel, j.dtype, str(j.config)) for j in full}  # every dtype x config at least once
     assert {j.arch for j in full if j.control} == set(ARCHS) and {j.dtype for j in full} >= {"bf16", "fp16", "fp32-ieee"}
