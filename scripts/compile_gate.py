@@ -11,8 +11,8 @@ produce: bias, softcap, gradient subsets, filtering, the variants' flags, the 16
 accumulator, and ``UPCAST``; each target builds the exact ``ASTSource`` a launch compiles). A
 package without that function gets the same enumeration of today's kernels from this script.
 ``--full`` compiles, in bfloat16 at each kernel's default configuration, every flag combination
-for sm_90a and, for sm_80, the heaviest combination (most flags on) and each one with a single flag
-of it off (every flag compiled on and off); every other (dtype / dot precision, configuration) at
+for sm_90a and, for sm_80, the heaviest combination (most flags on) and, per flag, the heaviest
+launchable combination with that flag off (every flag compiled on and off); every other (dtype / dot precision, configuration) at
 its heaviest combination. The CI subset compiles, per (arch, kernel), the default configuration in
 bf16 at its heaviest combination. float32 runs in both dot precisions ("ieee", PyTorch's default, and "tf32").
 
@@ -236,8 +236,8 @@ def jobs(subset: str) -> list[Job]:
     """The compiles of a subset, in a fixed order.
 
     full: on sm_90a every flag combination in bf16 at each kernel's default configuration; on sm_80
-    (bf16, default configuration) the heaviest combination (most flags on) and each combination
-    with one flag of it turned off, so every flag is compiled on and off; every other (arch, dtype /
+    (bf16, default configuration) the heaviest combination (most flags on) and, per flag, the
+    heaviest launchable combination with that flag off, so every flag is compiled on and off; every other (arch, dtype /
     dot precision, configuration) at its heaviest combination; one UPCAST control per (arch,
     kernel). ci: per (arch, kernel) the default configuration in bf16 at its heaviest combination,
     and the forward kernel's UPCAST control per arch.
@@ -248,6 +248,17 @@ def jobs(subset: str) -> list[Job]:
         key = (j.arch, j.kernel, j.dtype, str(j.config), j.control)
         if key not in heaviest or j.weight() > heaviest[key].weight():
             heaviest[key] = j
+    # sm_80: per kernel and flag, the heaviest launchable combination with that flag off
+    flag_off: set[int] = set()
+    groups: dict[tuple, list[Job]] = {}
+    for j in everything:
+        if j.arch != "sm90" and j.dtype == "bf16" and j.default and not j.control:
+            groups.setdefault((j.arch, j.kernel, str(j.config)), []).append(j)
+    for group in groups.values():
+        for name in {k for j in group for k, _ in j.flags}:
+            off = [j for j in group if dict(j.flags).get(name, False) is False]
+            if off:
+                flag_off.add(id(max(off, key=Job.weight)))
     out: list[Job] = []
     for j in everything:
         top = heaviest[(j.arch, j.kernel, j.dtype, str(j.config), j.control)]
@@ -259,8 +270,7 @@ def jobs(subset: str) -> list[Job]:
         elif j.dtype == "bf16" and j.default and j.arch == "sm90":
             keep = True
         elif j.dtype == "bf16" and j.default:
-            on, top_on = {k for k, v in j.flags if v is not False}, {k for k, v in top.flags if v is not False}
-            keep = on <= top_on and len(top_on - on) <= 1 and dict(j.flags).keys() == dict(top.flags).keys()
+            keep = is_heaviest or id(j) in flag_off
         else:
             keep = is_heaviest
         if keep:
