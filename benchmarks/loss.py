@@ -492,16 +492,18 @@ def markdown_report(rows: list[dict], env: dict, gemm: dict, args: argparse.Name
             harness.fmt(r["extra_bytes"] / harness.MiB, 1),
             harness.fmt((r["extra_bytes"] - r["grad_bytes"]) / harness.MiB, 1),
             harness.fmt_err(chk.get("max_err")), _verdict(r), r.get("note", "")])
+    in_rows = [n for n in IMPLS if any(r["impl"] == n for r in rows)]
     skipped = sorted({(IMPLS[n].label, IMPLS[n].unavailable(Case("loss", 16, 8, 8, "float32", pairs=1),
                                                              torch.device(env["device"])))
-                      for n in IMPLS} - {(IMPLS[n].label, None) for n in IMPLS}, key=str)
+                      for n in in_rows} - {(IMPLS[n].label, None) for n in in_rows}, key=str)
     lines = [
         f"# SafeDPO loss benchmark: preset `{args.preset}`{' (quick)' if args.quick else ''}",
         "",
         f"- device: {env['device_name']}; torch {env['torch']}, triton {env['triton']}; commit {env['commit']}; {env['date']}",
         f"- command: `{env['command']}`",
         f"- measured GEMM rate of this device in this run: {gemm.get('tflops', float('nan')):.2f} TFLOP/s "
-        f"({gemm.get('dtype')} {gemm.get('size')}^3); load average at start {env['loadavg']}",
+        f"({gemm.get('dtype')} {gemm.get('size')}^3; the % GEMM of other dtypes is relative to it and can exceed "
+        f"100%); load average at start {env['loadavg']}",
         f"- time: median of {args.reps} reps after warm-up ({'CUDA events' if not cpu else 'perf_counter; CPU ms = process CPU time, all threads'}); "
         f"peak extra: {'max_memory_allocated above the inputs' if not cpu else 'peak RSS (VmHWM) above the inputs, fresh process per case'}, "
         "gradient outputs included (next column: without them)",
