@@ -1,12 +1,18 @@
 """Autograd over the fused Triton log-prob kernels (``safedpo_kernels.kernels``).
 
-``triton_linear_logprobs(hidden, weight, labels, bias)`` returns ``log_softmax(hidden @ weight.T
-+ bias)[labels]`` as float32 (M,), never materializing the (M, V) logits. The caller
-(``safedpo_kernels.logprobs.linear_logprobs``) has already validated the inputs and removed
-ignored tokens. Under ``no_grad`` (or when nothing requires grad) it runs the forward kernel
-alone and keeps nothing for backward; otherwise the autograd Function saves hidden, weight,
-bias, labels, the (M,) log-sum-exp and 1 - p(label), and computes in ``backward`` only the gradients that
-``ctx.needs_input_grad`` asks for (a frozen lm_head costs no grad_weight work).
+``triton_linear_logprobs(hidden, weight, labels, bias, logit_scale=, softcap=)`` returns
+``log_softmax(transform(hidden @ weight.T + bias))[labels]`` as float32 (M,), never materializing
+the (M, V) logits. The caller (``safedpo_kernels.logprobs.linear_logprobs``) has already validated
+the inputs and removed ignored tokens. Three paths:
+
+* no gradient needed (``no_grad``, a reference model): the forward kernel alone, nothing saved;
+* frozen head (only ``hidden`` requires grad): ``TritonFrozenHeadLogprobs``, whose forward kernel
+  also produces d logp / d hidden (float32 (M, H), saved), backward elementwise (4NHV in all);
+* otherwise ``TritonLinearLogprobs`` saves hidden, weight, bias, labels, the (M,) log-sum-exp and
+  1 - p(label), and its backward recomputes the logits and computes only the gradients that
+  ``ctx.needs_input_grad`` asks for (8NHV in all).
+
+Both backwards raise a RuntimeError under ``create_graph=True`` (no double backward).
 """
 
 from __future__ import annotations
@@ -89,7 +95,8 @@ class TritonFrozenHeadLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, options: LogprobOptions):  # noqa: D102
         lse, target, other, grad_rows = frozen_forward(
-            hidden, weight, labels, bias, logit_scale=options.logit_scale, softcap=options.softcap
+            hidden, weight, labels, bias, logit_scale=options.logit_scale, softcap=options.softcap,
+            pair=options.variant.frozen_pair,
         )
         ctx.save_for_backward(grad_rows)
         ctx.hidden_dtype = hidden.dtype

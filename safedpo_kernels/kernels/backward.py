@@ -289,12 +289,21 @@ def backward_logprobs(
                 out_h[s:e] = dh_chunk
         return out_h, dw, db
 
+    def bench(fn, cfg: BlockConfig) -> float:
+        """Autotuning timing; the statistics are restored afterwards (benchmark runs do not count)."""
+        saved = (skipped.clone(), stats.evaluated_tiles)
+        ms = triton.testing.do_bench(lambda: fn(cfg))
+        skipped.copy_(saved[0])
+        stats.evaluated_tiles = saved[1]
+        return ms
+
     def choose(kernel: str, fn) -> BlockConfig:
         if configs is not None and kernel in configs:
             return configs[kernel]
         return pick_config(
             kernel, arch=arch, element_size=hidden.element_size(), sizes=(m, v, h),
-            interpreting=INTERPRETING, softcap=softcap is not None, bench=lambda cfg: triton.testing.do_bench(lambda: fn(cfg)),
+            interpreting=INTERPRETING, softcap=softcap is not None, bench=lambda cfg: bench(fn, cfg),
+            pair=deterministic and variant.det_pair, lowp=dw_dtype != torch.float32,
         )  # fmt: skip
 
     if deterministic:

@@ -6,8 +6,9 @@ with ``SAFEDPO_TRITON_AUTOTUNE=1`` (never under the interpreter). Autotuning res
 per process, keyed on the kernel, the dtype, the vocabulary and hidden sizes and the token count
 rounded up to a power of two, so a new batch length does not retune.
 
-A ``"<kernel>+softcap"`` entry, where present, serves that kernel's launches with a logit softcap
-(``pick_config(..., softcap=True)``).
+Entries ``"<kernel>_pair"``, ``"<kernel>_lowp"``, ``"<kernel>+softcap"`` (and combinations), where
+present, serve that kernel's launches with PAIR, a 16-bit grad_weight accumulator or a logit softcap
+(``entry_name``); the plain entry then serves only the other launches.
 
 Architectures: ``"sm90"`` (Hopper; also used for newer cards), ``"sm80"`` (Ampere, Ada and
 anything older). Dtype classes: ``"16bit"`` (bfloat16, float16) and ``"32bit"`` (float32).
@@ -69,17 +70,36 @@ CONFIGS: dict[str, dict[str, dict[str, list[BlockConfig]]]] = {
             "16bit": [_C(128, 64, 32, 8, 3)],
             "32bit": [_C(64, 64, 32, 8, 2)],
         },
+        "backward_lowp": {  # 16-bit inputs only (a float32 input accumulates in float32)
+            "16bit": [_C(128, 64, 32, 8, 3)],
+        },
         "grad_hidden": {
             "16bit": [_C(128, 64, 32, 8, 3)],
             "32bit": [_C(64, 64, 32, 8, 3)],
+        },
+        "grad_hidden_pair": {
+            "16bit": [_C(64, 64, 64, 8, 3)],
+            "32bit": [_C(32, 64, 32, 8, 2)],
+        },
+        "grad_weight_pair": {
+            "16bit": [_C(64, 64, 64, 8, 3)],
+            "32bit": [_C(32, 64, 32, 8, 2)],
+        },
+        "grad_weight+softcap": {
+            "16bit": [_C(64, 64, 32, 8, 3)],
+            "32bit": [_C(64, 64, 32, 8, 2)],
         },
         "grad_weight": {
             "16bit": [_C(128, 64, 64, 8, 3), _C(64, 128, 64, 8, 3)],
             "32bit": [_C(64, 64, 32, 8, 2)],
         },
         "frozen": {
-            "16bit": [_C(128, 128, 64, 8, 3)],
+            "16bit": [_C(128, 64, 64, 8, 3)],
             "32bit": [_C(64, 64, 32, 8, 2)],
+        },
+        "frozen_pair": {
+            "16bit": [_C(64, 64, 64, 8, 3)],
+            "32bit": [_C(32, 64, 32, 8, 2)],
         },
     },
     "sm80": {
@@ -95,13 +115,29 @@ CONFIGS: dict[str, dict[str, dict[str, list[BlockConfig]]]] = {
             "16bit": [_C(64, 128, 32, 8, 3)],
             "32bit": [_C(64, 64, 32, 8, 2)],
         },
+        "grad_hidden_pair": {
+            "16bit": [_C(64, 64, 32, 8, 3)],
+            "32bit": [_C(32, 64, 32, 8, 2)],
+        },
+        "grad_weight_pair": {
+            "16bit": [_C(64, 64, 32, 8, 3)],
+            "32bit": [_C(32, 64, 32, 8, 2)],
+        },
         "grad_weight": {
             "16bit": [_C(64, 128, 32, 8, 3)],
             "32bit": [_C(64, 64, 32, 8, 2)],
         },
+        "grad_weight+softcap": {  # fp32 ieee with the cap and filtering spilled 8 B at 64x64x32
+            "16bit": [_C(64, 128, 32, 8, 3)],
+            "32bit": [_C(32, 64, 32, 8, 2)],
+        },
         "frozen": {
             "16bit": [_C(128, 64, 64, 8, 3)],
             "32bit": [_C(64, 64, 32, 8, 2)],
+        },
+        "frozen_pair": {
+            "16bit": [_C(64, 64, 64, 8, 3)],
+            "32bit": [_C(32, 64, 32, 8, 2)],
         },
     },
 }
@@ -132,6 +168,27 @@ def _bucket(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def entry_name(kernel: str, arch: str, *, softcap: bool = False, pair: bool = False, lowp: bool = False) -> str:
+    """Most specific table entry for a launch: ``kernel[_pair][_lowp][+softcap]``, each tag used
+    only where the table has such an entry (variants whose extra live values need smaller tiles:
+    PAIR kernels, a 16-bit grad_weight accumulator, a logit softcap)."""
+    table = CONFIGS[arch]
+    name = kernel
+    for tag, on in (("_pair", pair), ("_lowp", lowp)):
+        if on and name + tag in table:
+            name += tag
+    if softcap and name + "+softcap" in table:
+        name += "+softcap"
+    return name
+
+
+def entry_parts(name: str) -> tuple[str, bool, bool, bool]:
+    """(kernel, pair, lowp, softcap) of a table entry name (inverse of ``entry_name``)."""
+    base, _, cap = name.partition("+")
+    pair, lowp = "_pair" in base, "_lowp" in base
+    return base.replace("_pair", "").replace("_lowp", ""), pair, lowp, cap == "softcap"
+
+
 def pick_config(
     kernel: str,
     *,
@@ -141,6 +198,8 @@ def pick_config(
     interpreting: bool,
     bench: Callable[[BlockConfig], float] | None = None,
     softcap: bool = False,
+    pair: bool = False,
+    lowp: bool = False,
 ) -> BlockConfig:
     """Block configuration for one launch.
 
@@ -151,13 +210,12 @@ def pick_config(
         sizes: (tokens, vocab, hidden); tokens are bucketed to a power of two for the cache key.
         interpreting: True under ``TRITON_INTERPRET=1``: returns ``INTERPRETER_CONFIG``.
         bench: ``config -> milliseconds``; used only when autotuning is on.
-        softcap: the launch has HAS_SOFTCAP; uses the ``"<kernel>+softcap"`` entry when the table
-            has one (the cap's extra live values need smaller tiles there to avoid spills).
+        softcap, pair, lowp: the launch has HAS_SOFTCAP / PAIR / a 16-bit grad_weight accumulator;
+            selects the ``entry_name`` table entry (smaller tiles where those need them).
     """
     if interpreting or arch is None:
         return INTERPRETER_CONFIG
-    if softcap and f"{kernel}+softcap" in CONFIGS[arch]:
-        kernel = f"{kernel}+softcap"
+    kernel = entry_name(kernel, arch, softcap=softcap, pair=pair, lowp=lowp)
     candidates = CONFIGS[arch][kernel][dtype_class(element_size)]
     if bench is None or len(candidates) == 1 or not autotune_enabled(interpreting):
         return candidates[0]

@@ -35,11 +35,13 @@ def _grad_tile(
     hidden_ptr, weight_ptr, bias_ptr, labels_ptr, lse_ptr, omp_ptr, g_ptr, skipped_ptr,
     offs_m, offs_v, M, V, H, stride_hm, stride_hk, stride_wv, stride_wk,
     filter_eps, logit_scale, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr, PAIR: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    """G = d(sum g logp)/dz for one (token block, vocab block) tile, zero when filtered out;
-    returns (G in the dot's operand dtype, G float32 (for grad_bias), whether it was kept)."""
+    """G = d(sum g logp)/dz for one (token block, vocab block) tile; returns (G in the dot's
+    operand dtype, G float32 (for grad_bias), whether it was kept). With PAIR a filtered tile's
+    G is zeroed (its pair partner may still be used); unpaired, the caller skips it instead."""
     labels, lse, omp, g = load_rows(labels_ptr, lse_ptr, omp_ptr, g_ptr, offs_m, M)
     logits = logits_tile(
         hidden_ptr, weight_ptr, bias_ptr, offs_m, offs_v, M, V, H,
@@ -49,9 +51,12 @@ def _grad_tile(
     grad, p_max, any_hit = grad_logits_tile(
         logits, offs_v, offs_v < V, labels, lse, omp, g, logit_scale, softcap, HAS_SOFTCAP
     )
-    in_range = (tl.min(offs_m, axis=0) < M) & (tl.min(offs_v, axis=0) < V)  # False: a PAIR's padding tile
+    if PAIR:  # False for a pair's padding tile past the matrix (not counted as skipped)
+        in_range = (tl.min(offs_m, axis=0) < M) & (tl.min(offs_v, axis=0) < V)
+    else:
+        in_range = M > 0
     needed = tile_needed(p_max, any_hit, filter_eps, skipped_ptr, in_range, FILTER)
-    if FILTER:
+    if FILTER and PAIR:
         grad = tl.where(needed, grad, 0.0)
     if UPCAST:
         grad_in = grad
@@ -81,7 +86,7 @@ def _grad_hidden_kernel(
             hidden_ptr, weight_ptr, bias_ptr, labels_ptr, lse_ptr, omp_ptr, g_ptr, skipped_ptr,
             offs_m, offs_v, M, V, H, stride_hm, stride_hk, stride_wv, stride_wk,
             filter_eps, logit_scale, softcap,
-            HAS_BIAS, HAS_SOFTCAP, FILTER, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_H,
+            HAS_BIAS, HAS_SOFTCAP, FILTER, PAIR, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_H,
         )  # fmt: skip
         needed = need_a
         if PAIR:  # the next vocabulary block (all columns >= V when vb is the last: G = 0)
@@ -90,7 +95,7 @@ def _grad_hidden_kernel(
                 hidden_ptr, weight_ptr, bias_ptr, labels_ptr, lse_ptr, omp_ptr, g_ptr, skipped_ptr,
                 offs_m, offs_v2, M, V, H, stride_hm, stride_hk, stride_wv, stride_wk,
                 filter_eps, logit_scale, softcap,
-                HAS_BIAS, HAS_SOFTCAP, FILTER, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_H,
+                HAS_BIAS, HAS_SOFTCAP, FILTER, PAIR, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_H,
             )  # fmt: skip
             needed = need_a | need_b
         if needed:
@@ -131,21 +136,21 @@ def _grad_weight_kernel(
             hidden_ptr, weight_ptr, bias_ptr, labels_ptr, lse_ptr, omp_ptr, g_ptr, skipped_ptr,
             offs_m, offs_v, M, V, H, stride_hm, stride_hk, stride_wv, stride_wk,
             filter_eps, logit_scale, softcap,
-            HAS_BIAS, HAS_SOFTCAP, FILTER, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_H,
+            HAS_BIAS, HAS_SOFTCAP, FILTER, PAIR, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_H,
         )  # fmt: skip
         needed = need_a
-        if COMPUTE_DB:
-            db += tl.sum(grad32_a, axis=0)
         if PAIR:  # the next token block (rows >= M when mb is the last: g = 0, G = 0)
             offs_m2 = offs_m + BLOCK_M
             grad_b, grad32_b, need_b = _grad_tile(
                 hidden_ptr, weight_ptr, bias_ptr, labels_ptr, lse_ptr, omp_ptr, g_ptr, skipped_ptr,
                 offs_m2, offs_v, M, V, H, stride_hm, stride_hk, stride_wv, stride_wk,
                 filter_eps, logit_scale, softcap,
-                HAS_BIAS, HAS_SOFTCAP, FILTER, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_H,
+                HAS_BIAS, HAS_SOFTCAP, FILTER, PAIR, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_H,
             )  # fmt: skip
             needed = need_a | need_b
-            if COMPUTE_DB:
+        if needed and COMPUTE_DB:
+            db += tl.sum(grad32_a, axis=0)
+            if PAIR:
                 db += tl.sum(grad32_b, axis=0)
         if COMPUTE_DW and needed:
             for k0 in range(0, H, BLOCK_H):

@@ -42,13 +42,28 @@ from safedpo_kernels.kernels.config import BlockConfig, pick_config
 
 
 @triton.jit
+def _exp_tile(logits, offs_v, labels, new_max, logit_scale, softcap, V, HAS_SOFTCAP: tl.constexpr):
+    """For one logits tile and the new running max: (sum of exp, sum of exp over non-label columns,
+    label logit or 0, 0/NaN non-finite marker, per row) and coef = exp(logit - max) * slope with
+    the label column zeroed (float32)."""
+    mask_v = offs_v < V
+    hit = offs_v[None, :] == labels[:, None]
+    e = tl.exp(logits - new_max[:, None])
+    e_other = tl.where(hit, 0.0, e)
+    coef = e_other * logit_slope(logits, mask_v, logit_scale, softcap, HAS_SOFTCAP)
+    nonfinite = tl.sum(tl.where(mask_v[None, :], logits, 0.0) * 0.0, axis=1)
+    target = tl.sum(tl.where(hit, logits, 0.0), axis=1)
+    return tl.sum(e, axis=1), tl.sum(e_other, axis=1), target, nonfinite, coef
+
+
+@triton.jit
 def _frozen_forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, labels_ptr, lse_ptr, tgt_ptr, other_ptr, r_ptr,
     M, V, H, stride_hm, stride_hk, stride_wv, stride_wk, stride_rm,
     logit_scale, softcap,
     # Meta-parameters
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PAIR: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -60,41 +75,62 @@ def _frozen_forward_kernel(
     run_other = tl.zeros((BLOCK_M,), dtype=tl.float32)
     target = tl.zeros((BLOCK_M,), dtype=tl.float32)
     nonfinite = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for vb in range(0, tl.cdiv(V, BLOCK_V)):
+    # PAIR: two vocabulary blocks per step (one accumulator load/store for both: half the traffic)
+    for vb in range(0, tl.cdiv(V, BLOCK_V), 1 + PAIR):
         offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
-        mask_v = offs_v < V
         logits = logits_tile(
             hidden_ptr, weight_ptr, bias_ptr, offs_m, offs_v, M, V, H,
             stride_hm, stride_hk, stride_wv, stride_wk, logit_scale, softcap,
             HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_H,
         )  # fmt: skip
-        nonfinite += tl.sum(tl.where(mask_v[None, :], logits, 0.0) * 0.0, axis=1)
-        # ---- online LSE (as in forward.py) ----
-        new_max = tl.maximum(run_max, tl.max(logits, axis=1))
+        tile_max = tl.max(logits, axis=1)
+        if PAIR:  # columns >= V (past the last block) are -inf: they add nothing
+            offs_v2 = offs_v + BLOCK_V
+            logits2 = logits_tile(
+                hidden_ptr, weight_ptr, bias_ptr, offs_m, offs_v2, M, V, H,
+                stride_hm, stride_hk, stride_wv, stride_wk, logit_scale, softcap,
+                HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_H,
+            )  # fmt: skip
+            tile_max = tl.maximum(tile_max, tl.max(logits2, axis=1))
+        # ---- online LSE (as in forward.py), plus the non-label sum and the target logit ----
+        new_max = tl.maximum(run_max, tile_max)
         scale = tl.exp(run_max - new_max)
-        hit = offs_v[None, :] == labels[:, None]
-        e = tl.exp(logits - new_max[:, None])
-        e_other = tl.where(hit, 0.0, e)
-        run_other = run_other * scale + tl.sum(e_other, axis=1)
-        term = tl.sum(e, axis=1) - run_comp * scale
+        sum_e, sum_other, tgt, bad, coef = _exp_tile(
+            logits, offs_v, labels, new_max, logit_scale, softcap, V, HAS_SOFTCAP
+        )
+        if PAIR:
+            sum_e2, sum_other2, tgt2, bad2, coef2 = _exp_tile(
+                logits2, offs_v2, labels, new_max, logit_scale, softcap, V, HAS_SOFTCAP
+            )
+            sum_e += sum_e2
+            sum_other += sum_other2
+            tgt += tgt2
+            bad += bad2
+        nonfinite += bad
+        target += tgt
+        run_other = run_other * scale + sum_other
+        term = sum_e - run_comp * scale
         run_sum = run_sum * scale
         total = run_sum + term
         run_comp = (total - run_sum) - term
         run_sum = total
         run_max = new_max
-        target += tl.sum(tl.where(hit, logits, 0.0), axis=1)
         # ---- acc[m, k] = acc[m, k] * scale[m] + sum_{v != y} e[m, v] s[m, v] W[v, k] ----
-        coef = e_other * logit_slope(logits, mask_v, logit_scale, softcap, HAS_SOFTCAP)
         if not UPCAST:
             coef = coef.to(hidden_ptr.dtype.element_ty)
+            if PAIR:
+                coef2 = coef2.to(hidden_ptr.dtype.element_ty)
         for k0 in range(0, H, BLOCK_H):
             ks = k0 + offs_k
             mask_k = ks < H
             r_ptrs = r_ptr + offs_m[:, None].to(tl.int64) * stride_rm + ks[None, :]
             mask = mask_m[:, None] & mask_k[None, :]
             acc = tl.load(r_ptrs, mask=mask, other=0.0) * scale[:, None]
-            w = load_k_slice(weight_ptr, offs_v, ks, stride_wv, stride_wk, mask_v, mask_k, UPCAST)
+            w = load_k_slice(weight_ptr, offs_v, ks, stride_wv, stride_wk, offs_v < V, mask_k, UPCAST)
             acc = tl.dot(coef, w, acc, input_precision=DOT_PRECISION)
+            if PAIR:
+                w2 = load_k_slice(weight_ptr, offs_v2, ks, stride_wv, stride_wk, offs_v2 < V, mask_k, UPCAST)
+                acc = tl.dot(coef2, w2, acc, input_precision=DOT_PRECISION)
             tl.store(r_ptrs, acc, mask=mask)
 
     # ---- R = (1 - p_y) s_y W[y] - acc / sum  (NaN for a row with a non-finite logit) ----
@@ -131,9 +167,11 @@ def frozen_forward(
     *,
     logit_scale: float = 1.0,
     softcap: float | None = None,
+    pair: bool = False,
     config: BlockConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Frozen-head forward. Shapes and dtypes as ``forward_logprobs``.
+    """Frozen-head forward. Shapes and dtypes as ``forward_logprobs``; ``pair``: the
+    "frozen_pair" variant (two vocabulary blocks per accumulator update).
 
     Returns:
         ``(lse, target, other, grad_rows)``: float32 (M,) log-sum-exp, target logit and LSE of
@@ -145,7 +183,8 @@ def frozen_forward(
     arch, _ = device_arch_and_sms(hidden.device)
     if config is None:  # no autotuning here: the kernel writes its own accumulator (not re-runnable)
         config = pick_config(
-            "frozen", arch=arch, element_size=hidden.element_size(), sizes=(m, v, h), interpreting=INTERPRETING, softcap=softcap is not None
+            "frozen", arch=arch, element_size=hidden.element_size(), sizes=(m, v, h), interpreting=INTERPRETING,
+            softcap=softcap is not None, pair=pair,
         )
     labels = labels.contiguous()
     bias_arg = bias.contiguous() if bias is not None else hidden
@@ -156,7 +195,7 @@ def frozen_forward(
         hidden, weight, bias_arg, labels, lse, target, other, grad_rows,
         m, v, h, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), h,
         float(logit_scale), float(softcap or 1.0),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, PAIR=pair,
         UPCAST=upcast_flag(hidden.dtype), DOT_PRECISION=dot_precision(hidden.dtype), **config.meta(),
     )  # fmt: skip
     return lse, target, other, grad_rows

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Iterator, NamedTuple
 
-from safedpo_kernels.kernels.config import ARCHS, CONFIGS, BlockConfig, dtype_class
+from safedpo_kernels.kernels.config import ARCHS, CONFIGS, BlockConfig, dtype_class, entry_parts
 
 #: dtype name -> (Triton pointer type of hidden/weight/bias, dot precisions a launch can use)
 DTYPES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -39,9 +39,10 @@ class CompileTarget(NamedTuple):
     """One compiled specialization.
 
     Fields:
-        kernel: table name in ``config.CONFIGS`` ("forward", "backward", "grad_hidden",
-            "grad_weight", "frozen", or "<kernel>+softcap": that kernel's entry for HAS_SOFTCAP=True
-            where the cap needs smaller tiles; the plain entry then serves HAS_SOFTCAP=False only).
+        kernel: table entry name in ``config.CONFIGS``: "forward", "backward", "grad_hidden",
+            "grad_weight", "frozen", or a tagged entry ``kernel[_pair][_lowp][+softcap]`` that
+            serves that kernel's launches with PAIR / a 16-bit grad_weight accumulator / a softcap
+            (``config.entry_name``); the untagged entry then serves only the other launches.
         fn: the ``@triton.jit`` function.
         flags: every constexpr except the block sizes: HAS_BIAS, HAS_SOFTCAP, UPCAST,
             DOT_PRECISION and, per kernel, GROUPED (forward), COMPUTE_DH / COMPUTE_DW / COMPUTE_DB,
@@ -139,35 +140,44 @@ def _grads(has_bias: bool) -> list[tuple[bool, bool, bool]]:
     return [c for c in combos if has_bias or not c[2]]
 
 
-def _flag_sets(kernel: str, dtype: str) -> Iterator[tuple[dict, str]]:
+def _flag_sets(kernel: str, dtype: str, pairs: tuple[bool, ...], lowps: tuple[bool, ...]) -> Iterator[tuple[dict, str]]:
     """(kernel-specific flags, dw dtype) for every combination a launch can produce."""
-    lowp = dtype if dtype in ("bf16", "fp16") else None
+    lowp_dtype = dtype if dtype in ("bf16", "fp16") else None
+    dw_dtypes = [d for d, on in (("fp32", False), (lowp_dtype, True)) if on in lowps and d]
     if kernel == "forward":
         for grouped in (False, True):
             yield {"GROUPED": grouped}, "fp32"
     elif kernel == "frozen":
-        yield {}, "fp32"
+        for pair in pairs:
+            yield {"PAIR": pair}, "fp32"
     elif kernel == "backward":
         for has_bias in (False, True):
             for dh, dw, db in _grads(has_bias):
                 for filt, stagger in itertools.product((False, True), repeat=2):
                     flags = {"HAS_BIAS": has_bias, "COMPUTE_DH": dh, "COMPUTE_DW": dw, "COMPUTE_DB": db,
                              "FILTER": filt, "STAGGER": stagger}  # fmt: skip
-                    yield flags, "fp32"
-                    if dw and lowp:
-                        yield flags, lowp
+                    for dw_dtype in dw_dtypes if dw else (["fp32"] if False in lowps else []):
+                        yield flags, dw_dtype
     elif kernel == "grad_hidden":
-        for filt, pair in itertools.product((False, True), repeat=2):
+        for filt, pair in itertools.product((False, True), pairs):
             yield {"FILTER": filt, "PAIR": pair}, "fp32"
     elif kernel == "grad_weight":
         for has_bias in (False, True):
             for dw, db in [(True, False), (False, True), (True, True)]:
                 if db and not has_bias:
                     continue
-                for filt, pair in itertools.product((False, True), repeat=2):
+                for filt, pair in itertools.product((False, True), pairs):
                     yield {"HAS_BIAS": has_bias, "COMPUTE_DW": dw, "COMPUTE_DB": db, "FILTER": filt, "PAIR": pair}, "fp32"
     else:  # pragma: no cover - table and code out of sync
         raise KeyError(kernel)
+
+
+def _served(tagged: bool, sibling_exists: bool) -> tuple[bool, ...]:
+    """Values of a tag an entry serves: only True for a tagged entry, only False when a tagged
+    sibling exists, else both."""
+    if tagged:
+        return (True,)
+    return (False,) if sibling_exists else (False, True)
 
 
 def compile_targets(
@@ -177,32 +187,34 @@ def compile_targets(
     kernels: tuple[str, ...] | None = None,
     default_configs_only: bool = False,
 ) -> Iterator[CompileTarget]:
-    """Every shipped specialization: arch x kernel x config x dtype x dot precision x flags.
+    """Every shipped specialization: arch x table entry x config x dtype x dot precision x flags.
 
     HAS_BIAS and HAS_SOFTCAP vary for every kernel; UPCAST=True is added for bf16 (with the
-    "ieee" dot precision the interpreter launch uses). Args filter the enumeration.
+    "ieee" dot precision the interpreter launch uses). ``kernels`` filters by table entry name.
     """
     fns = _kernel_fns()
     for arch in archs:
-        for kernel, classes in CONFIGS[arch].items():
-            if kernels is not None and kernel not in kernels:
+        table = CONFIGS[arch]
+        for name, classes in table.items():
+            if kernels is not None and name not in kernels:
                 continue
-            base = kernel.split("+")[0]  # "backward+softcap": the backward's table for HAS_SOFTCAP
-            if kernel.endswith("+softcap"):
-                softcaps: tuple[bool, ...] = (True,)
-            else:
-                softcaps = (False,) if f"{kernel}+softcap" in CONFIGS[arch] else (False, True)
+            base, pair, lowp, cap = entry_parts(name)
+            stem = name.partition("+")[0]
+            softcaps = _served(cap, f"{stem}+softcap" in table)
+            pairs = _served(pair, f"{base}_pair" in table)
+            lowps = _served(lowp, f"{base}_lowp" in table)
             for dtype in dtypes:
-                cfgs = classes[dtype_class(_ELEMENT_SIZE[dtype])]
+                cfgs = classes.get(dtype_class(_ELEMENT_SIZE[dtype]), [])
                 for ci, cfg in enumerate(cfgs[:1] if default_configs_only else cfgs):
                     precisions = [(p, False) for p in DTYPES[dtype][1]]
                     if dtype == "bf16":
                         precisions.append(("ieee", True))
-                    for (precision, upcast), (flags, dw_dtype) in itertools.product(precisions, _flag_sets(base, dtype)):
+                    combos = itertools.product(precisions, _flag_sets(base, dtype, pairs, lowps))
+                    for (precision, upcast), (flags, dw_dtype) in combos:
+                        if upcast and dw_dtype != "fp32":
+                            continue  # the launcher never accumulates in bf16 under the interpreter
                         bias_values = (flags["HAS_BIAS"],) if "HAS_BIAS" in flags else (False, True)
                         for has_bias, softcap in itertools.product(bias_values, softcaps):
                             full = {"HAS_BIAS": has_bias, "HAS_SOFTCAP": softcap, **flags,
                                     "UPCAST": upcast, "DOT_PRECISION": precision}  # fmt: skip
-                            if upcast and dw_dtype != "fp32":
-                                continue  # the launcher never accumulates in bf16 under the interpreter
-                            yield CompileTarget(kernel, fns[base], full, cfg, arch, dtype, dw_dtype, ci == 0)
+                            yield CompileTarget(name, fns[base], full, cfg, arch, dtype, dw_dtype, ci == 0)

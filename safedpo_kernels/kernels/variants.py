@@ -39,6 +39,9 @@ class KernelVariant:
     #: frozen head (only hidden needs a gradient): use the frozen-head kernel (4NHV) rather than
     #: the forward + recompute backward (8NHV).
     frozen_kernel: bool = True
+    #: frozen-head kernel with two vocabulary blocks per update of its float32 (M, H) accumulator:
+    #: half the accumulator traffic, one more logits tile in registers (smaller tiles).
+    frozen_pair: bool = False
 
 
 VARIANTS: dict[str, KernelVariant] = {
@@ -51,6 +54,7 @@ VARIANTS: dict[str, KernelVariant] = {
         KernelVariant("det_pair", "deterministic mode with two tiles per float32 accumulator load/store", det_pair=True),
         KernelVariant("filter_sorted", "gradient filtering on a vocabulary sorted by mean logit", vocab_order=True),
         KernelVariant("fwd_grouped+bwd_stagger", "both launch-order changes together", grouped_forward=True, stagger=True),
+        KernelVariant("frozen_pair", "frozen-head kernel updating its accumulator once per two vocabulary blocks", frozen_pair=True),
         KernelVariant("no_frozen_kernel", "frozen head through the forward + recompute backward (for comparison)", frozen_kernel=False),
     )
 }

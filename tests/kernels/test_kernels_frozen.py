@@ -16,7 +16,7 @@ def _frozen_compare(inputs, dtype, **kw):
         return triton_linear_logprobs(h, w.detach(), y, None if bb is None else bb.detach(), stats=stats, **kw)
 
     def eager(h, w, bb, y):
-        return eager_logprobs(h, w, bb, y, **kw)
+        return eager_logprobs(h, w, bb, y, **{k: v for k, v in kw.items() if k != "variant"})
 
     ref = values_and_grads(eager, hidden, weight, b, labels, g, torch.float64, only_hidden=True)
     eag = values_and_grads(eager, hidden, weight, b, labels, g, dtype, only_hidden=True)
@@ -42,6 +42,12 @@ def test_frozen_head_with_logit_transform(seed, dtype, scale, cap):
 @pytest.mark.parametrize("m,v", [(1, 333), (37, 40), (3, 17)])
 def test_frozen_head_one_token_and_small_vocab(seed, m, v):
     _frozen_compare(make_inputs(m, 72, v), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("v,peaked", [(333, 0.0), (300, 30.0)])  # 6 blocks, odd 5 blocks (padding tile)
+def test_frozen_pair_variant(seed, dtype, v, peaked):
+    _frozen_compare(make_inputs(37, 72, v, peaked=peaked), dtype, variant="frozen_pair", softcap=4.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

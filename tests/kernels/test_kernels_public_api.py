@@ -76,3 +76,27 @@ def test_fused_safedpo_module_triton_equals_torch(seed):
         torch.testing.assert_close(mt[key], mr[key], rtol=1e-5, atol=1e-5, msg=key)
     for a, r in zip(gt, gr):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_head_through_linear_logprobs_with_ignored_tokens(seed, monkeypatch):
+    import safedpo_kernels.triton_logprobs as tl_module
+
+    hidden, weight, b, _, _ = make_inputs(2 * 11, 72, 333)
+    hidden = hidden.reshape(2, 11, 72)
+    labels = torch.randint(0, 333, (2, 11))
+    labels[0, :4] = -100
+    labels[1, 8:] = -100
+    g = torch.randn(2, 11)
+    ran = []
+    real = tl_module.TritonFrozenHeadLogprobs.apply
+    monkeypatch.setattr(tl_module.TritonFrozenHeadLogprobs, "apply", lambda *a: ran.append(1) or real(*a))
+    results = {}
+    for impl in ("torch", "triton"):
+        (h,) = _leaves(hidden)
+        out = linear_logprobs(h, weight, labels, bias=b, impl=impl)  # weight, bias frozen
+        (gh,) = torch.autograd.grad(out, h, g)
+        results[impl] = (out, gh)
+    assert ran, "the frozen-head kernel did not run"
+    assert torch.all(results["triton"][0][labels == -100] == 0) and not results["triton"][1][labels == -100].any()
+    for a, r in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
