@@ -366,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                              "machine --threads 1 gives timings that other processes disturb far less")
     parser.add_argument("--no-check", action="store_true", help="skip the float64 errors")
     parser.add_argument("--out", default="benchmarks/results", help="results folder (default benchmarks/results)")
+    parser.add_argument("--stem", default=None, help="result file name without extension (default "
+                        "logprobs_memory[_<preset>][_threads<k>])")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -388,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu")
     env = harness.environment(device)
     out = harness.results_dir(args.out, device)
-    stem = "logprobs_memory" + (f"_{args.preset}" if args.preset else "") + (f"_threads{args.threads}" if args.threads else "")
+    stem = args.stem or ("logprobs_memory" + (f"_{args.preset}" if args.preset else "")
+                         + (f"_threads{args.threads}" if args.threads else ""))
     cases = []
     for n, h, v, dtype, mode in parse_cases(args):
         res = run_case(n, h, v, dtype, mode, args)
