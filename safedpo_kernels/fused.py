@@ -89,6 +89,7 @@ def sequence_logps(
     """
     check_float_tensor("token_logps", token_logps)
     _check_target_matches(token_logps, target)
+    ignore_index = check_ignore_index("ignore_index", ignore_index)
     sums, counts = _row_sums_counts(token_logps, target, ignore_index, None)
     return sums / counts.clamp(min=1).to(sums.dtype) if average else sums
 
@@ -108,6 +109,7 @@ def packed_sequence_logps(
     """
     check_float_tensor("token_logps", token_logps)
     _check_target_matches(token_logps, target)
+    ignore_index = check_ignore_index("ignore_index", ignore_index)
     sums, counts = _row_sums_counts(token_logps, target, ignore_index, cu_seqlens)
     return sums / counts.clamp(min=1).to(sums.dtype) if average else sums
 

@@ -363,7 +363,12 @@ def test_forward_errors_name_the_callers_arguments(call, exc, match):
              dict(chosen_unsafe=cu, rejected_unsafe=ru))
 
 
-def test_sequence_logps_checks_target_shape():
+def test_sequence_logps_checks_target_shape_and_ignore_index():
+    with pytest.raises(TypeError, match="ignore_index"):
+        sequence_logps(torch.zeros(2, 5), torch.zeros(2, 5, dtype=torch.long), ignore_index=-100.9)
+    with pytest.raises(TypeError, match="ignore_index"):
+        packed_sequence_logps(torch.zeros(9), torch.zeros(9, dtype=torch.long), torch.tensor([0, 4, 9]),
+                              ignore_index=True)
     with pytest.raises(ValueError, match="target"):
         sequence_logps(torch.zeros(2, 5), torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="target"):

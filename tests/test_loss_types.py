@@ -297,3 +297,38 @@ def test_bad_loss_options_name_the_argument(kwargs, match):
         safedpo_loss(z, z, z, z, torch.tensor([0, 1, 0]), torch.tensor([0, 0, 1]), **kwargs)
     with pytest.raises(ValueError, match=match):
         dpo_loss(z, z, z, z, **kwargs)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_float32_values_and_gradients_close_to_float64(seed, loss_type):
+    """float32 inputs: the loss is computed in float32; against the float64 reference on the same
+    (float32-representable) inputs the error is float32 rounding, well inside 1e-5 relative."""
+    b, beta = 19, 0.25
+    ls = SMOOTHING.get(loss_type, 0.0)
+    base = [(-15 * torch.rand(b)), (-15 * torch.rand(b))]
+    base += [base[0] + torch.randn(b), base[1] + torch.randn(b)]
+    cu = torch.tensor([0, 0, 1, 1] + torch.randint(0, 2, (b - 4,)).tolist())
+    ru = torch.tensor([0, 1, 0, 1] + torch.randint(0, 2, (b - 4,)).tolist())
+    x32 = [t.clone().requires_grad_() for t in base]
+    x64 = [t.double().requires_grad_() for t in base]
+    kw = dict(beta=beta, delta=1.5, loss_type=loss_type, label_smoothing=ls)
+    got = safedpo_loss(*x32, cu, ru, **kw)
+    ref = reference_safedaa(*x64, cu, ru, loss_type=loss_type, beta=beta, delta=1.5, ls=ls)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(torch.autograd.grad(got, x32), torch.autograd.grad(ref, x64)):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-6)
+
+
+def test_bco_pair_running_mean_through_the_reference_offsets(seed):
+    """docs/losses.md: older TRL's bco_pair subtracted a running reward mean delta from both rewards;
+    passing ref + delta/beta reproduces it exactly."""
+    b, beta, running_mean = 7, 0.2, 0.37
+    pc, pr, rc, rr = (torch.randn(b, dtype=torch.float64) for _ in range(4))
+    safe = torch.zeros(b, dtype=torch.bool)
+    got = safedpo_loss(pc, pr, rc + running_mean / beta, rr + running_mean / beta, safe, safe, beta=beta,
+                       delta=0.0, loss_type="bco_pair")
+    a, c = beta * (pc - rc), beta * (pr - rr)
+    expected = (-torch.nn.functional.logsigmoid(a - running_mean)
+                - torch.nn.functional.logsigmoid(-(c - running_mean))).mean()
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
