@@ -52,14 +52,14 @@ def standard_cases(shapes=None) -> list[tuple[Case, tuple[str, ...]]]:
 
     * ``logprobs`` (LM-like logits): every kernel variant (or the default kernel when the package
       has no variants), filtered, deterministic, our torch path, eager, torch.compile, Cut Cross-Entropy;
-    * ``logprobs`` with a frozen head: ours (Triton's frozen-head kernel, Triton's forward + recompute
-      backward for comparison, torch) and eager;
+    * ``logprobs`` with a frozen head: ours (Triton's frozen-head kernel, its frozen-head variants
+      incl. the forward + recompute backward for comparison, torch) and eager;
     * ``loss``: ours (SafeDPO) and Liger's DPO loss on the same pairs (8 pairs, reference head).
 
     ``shapes``: ((head or (name, H, V)), N) pairs; default :data:`STANDARD_SHAPES`.
     """
-    variants = tuple(n for n in IMPLS if n.startswith("triton[") and IMPLS[n].frozen_fast)
-    recompute_frozen = tuple(n for n in IMPLS if n.startswith("triton[") and not IMPLS[n].frozen_fast)
+    variants = tuple(n for n in IMPLS if n.startswith("triton[") and not IMPLS[n].frozen_only)
+    frozen_variants = tuple(n for n in IMPLS if n.startswith("triton[") and IMPLS[n].frozen_only)
     out = []
     for head, n in shapes or STANDARD_SHAPES:
         if isinstance(head, tuple):
@@ -69,7 +69,7 @@ def standard_cases(shapes=None) -> list[tuple[Case, tuple[str, ...]]]:
             mk = lambda op, **kw: _head(head, op, n, "bfloat16", **kw)  # noqa: E731
         out.append((mk("logprobs", logits="lm"), (variants or ("triton",)) + (
             "triton-filtered", "triton-deterministic", "torch", "eager", "compile", "cce")))
-        out.append((mk("logprobs", logits="lm", frozen=True), ("triton",) + recompute_frozen + ("torch", "eager")))
+        out.append((mk("logprobs", logits="lm", frozen=True), ("triton",) + frozen_variants + ("torch", "eager")))
         pairs = max(p for p in range(1, 9) if n % (2 * p) == 0)  # 8 pairs at the standard sizes
         out.append((mk("loss", pairs=pairs), ("triton", "liger")))
     return out

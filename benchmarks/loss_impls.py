@@ -52,6 +52,7 @@ class Impl:
     frozen_fast: bool = True  # frozen head: a 4NHV fused path (False: forward + recompute backward, 6NHV)
     exact: bool = True  # False: approximate by design (gradient filtering)
     deterministic: bool = False  # bit-identical run to run (checked by scripts/gpu_check.py)
+    frozen_only: bool = False  # a variant that differs from the default only on a frozen head
 
     def flops_per_nhv(self, case: Case) -> float:
         """Cost-model FLOPs of one forward+backward of this implementation, in units of N*H*V."""
@@ -189,6 +190,7 @@ def _variant_impl(name: str) -> Impl:
     return Impl(f"triton[{name}]", f"ours: Triton variant {name}", "safedpo", True, _direct(f"triton[{name}]", variant=name),
                 _variant_reason, nhv=10.0 if det else None, frozen_fast=bool(getattr(v, "frozen_kernel", True)),
                 exact=not getattr(v, "vocab_order", False), deterministic=det,
+                frozen_only=bool(getattr(v, "frozen_pair", False)) or not getattr(v, "frozen_kernel", True),
                 note=getattr(v, "description", ""))
 
 
