@@ -510,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# compile gate ({'full' if args.full else 'CI subset'}): triton {triton.__version__}, "
         f"{len(rows)} compiles ({controls} UPCAST controls), targets from {source} "
         f"({'compile_targets()' if source == 'package' else 'the launchers rules, in this script'}), "
-        f"{time.time() - t0:.0f} s",
+        f"{time.time() - t0:.0f} s for {len(todo)} of them"
+        + (f" ({len(planned) - len(todo)} rows from an earlier run, --progress)" if len(todo) < len(planned) else ""),
         f"# command: python scripts/compile_gate.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
         "# regs/smem/spill from the cubin Triton produced (cuobjdump --dump-resource-usage; spill = ptxas-log "
         "spill stores + loads + STACK + LOCAL bytes); launch flags: upcast_flag(bf16) = False",
