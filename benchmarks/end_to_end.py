@@ -76,12 +76,14 @@ def loss_fn(variant: str, model, batch: dict) -> torch.Tensor:
 
     hidden = model.model(input_ids=batch["input_ids"]).last_hidden_state[:, :-1]
     target = batch["labels"][:, 1:]
-    args = (model.lm_head.weight, hidden, target, batch["chosen_unsafe"], batch["rejected_unsafe"])
+    flags = {"chosen_unsafe": batch["chosen_unsafe"], "rejected_unsafe": batch["rejected_unsafe"]}
     refs = {"ref_chosen_logps": batch["ref_chosen_logps"], "ref_rejected_logps": batch["ref_rejected_logps"]}
     if variant == "fused":
-        loss, _ = FusedLinearSafeDPOLoss(beta=BETA, delta=DELTA, ignore_index=IGNORE_INDEX, impl="auto")(*args, **refs)
+        loss, _ = FusedLinearSafeDPOLoss(beta=BETA, delta=DELTA, ignore_index=IGNORE_INDEX, impl="auto")(
+            model.lm_head.weight, hidden, target, **flags, **refs)
     elif variant == "eager":
-        loss, _ = reference_fused_safedpo(*args, **refs, beta=BETA, delta=DELTA, ignore_index=IGNORE_INDEX)
+        loss, _ = reference_fused_safedpo(model.lm_head.weight, hidden, target, **flags, **refs, beta=BETA,
+                                          delta=DELTA, ignore_index=IGNORE_INDEX)
     else:
         raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
     return loss

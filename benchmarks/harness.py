@@ -9,6 +9,10 @@ measures the same way:
   inputs exist (GPU); on the CPU the peak resident set size (``VmHWM``) minus the RSS
   right after the inputs were allocated, with the kernel's peak mark reset there, each case in a
   fresh process (:func:`run_worker` starts one) so no earlier case's allocator state leaks in.
+  The CPU workers run with glibc's default allocator settings (what users get); pass
+  ``env={"MALLOC_MMAP_THRESHOLD_": "131072"}`` to measure live buffers only (freed buffers then
+  leave the resident set at once; lower numbers, as the results before 2026-11-29 were measured).
+* several implementations timed side by side: :func:`time_interleaved`.
 * the card's dense GEMM rate, measured in the same run (:func:`gemm_tflops`), so "% of GEMM" is
   relative to what this machine really does, not to a datasheet.
 * a correctness guard (:func:`rel_err`, :data:`TOLERANCE`): every implementation's loss and gradients
@@ -139,6 +143,29 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _time_once(fn: Callable[[], object], device: torch.device) -> tuple[float, float | None]:
+    """(wall ms, process CPU ms or None) of one call; CUDA events on a GPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end), None
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
+
+
+def _stats(times: list[float], cpu_times: list[float]) -> dict:
+    out = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": len(times)}
+    if cpu_times:
+        # CPU time of all this process's threads: on a shared machine it moves far less than the
+        # wall time when other processes compete for the cores.
+        out["cpu_median_ms"] = statistics.median(cpu_times)
+    return out
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, *, reps: int = 10, warmup: int = 1) -> dict:
     """Median (and min, max) wall time of ``fn()`` in milliseconds over ``reps`` runs after ``warmup``.
 
@@ -153,24 +180,31 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, reps: int = 10, w
     synchronize(device)
     times, cpu_times = [], []
     for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-            cpu_times.append((time.process_time() - c0) * 1e3)
-    out = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
-    if cpu_times:
-        # CPU time of all this process's threads: on a shared machine it moves far less than the
-        # wall time when other processes compete for the cores.
-        out["cpu_median_ms"] = statistics.median(cpu_times)
-    return out
+        wall, cpu = _time_once(fn, device)
+        times.append(wall)
+        if cpu is not None:
+            cpu_times.append(cpu)
+    return _stats(times, cpu_times)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, reps: int = 10) -> dict[str, dict]:
+    """:func:`time_ms` of several functions side by side: repetition r calls every function once,
+    starting at a rotating position, so load changes on a shared machine hit all of them alike and
+    their ratios stay meaningful. Warm them up before. ``{name: stats}`` with ``"interleaved": True``."""
+    if reps < 1:
+        raise ValueError(f"reps: expected >= 1, got {reps}")
+    names = list(fns)
+    walls: dict[str, list[float]] = {n: [] for n in names}
+    cpus: dict[str, list[float]] = {n: [] for n in names}
+    synchronize(device)
+    for r in range(reps):
+        k = r % max(1, len(names))
+        for n in names[k:] + names[:k]:
+            wall, cpu = _time_once(fns[n], device)
+            walls[n].append(wall)
+            if cpu is not None:
+                cpus[n].append(cpu)
+    return {n: {**_stats(walls[n], cpus[n]), "interleaved": True} for n in names}
 
 
 def gemm_tflops(device: torch.device, dtype: torch.dtype | None = None, size: int | None = None,
@@ -257,12 +291,15 @@ class PeakMemory:
     kernel's peak mark at entry (``/proc/self/clear_refs``). Where that reset is refused the entry
     level is the process's peak so far (``pm.exact`` is then False), which is only right in a fresh
     process whose inputs were the largest thing allocated so far: run cases in fresh processes.
+    ``base_bytes`` (CPU): an earlier, lower entry level, e.g. the RSS before the warm-up runs, so
+    that memory the allocator kept resident from the warm-up (and the measured run reuses) counts.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, base_bytes: int | None = None):
         self.device = device
         self.extra_bytes = 0
         self.exact = True
+        self.base_bytes = base_bytes
 
     def __enter__(self) -> PeakMemory:
         synchronize(self.device)
@@ -275,6 +312,8 @@ class PeakMemory:
             gc.collect()
             self.exact = reset_peak_rss()
             self._base = current_rss_bytes() if self.exact else peak_rss_bytes()
+            if self.base_bytes is not None:
+                self._base = min(self._base, self.base_bytes)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -345,19 +384,14 @@ def emit_result(result: dict) -> None:
 def run_worker(module: str, spec: dict, *, timeout_s: float = 1800, env: dict | None = None) -> dict:
     """Run ``python -m module --worker '<spec json>'`` in a fresh process and return its result dict.
 
-    The worker runs with glibc's mmap threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``), so
-    freed buffers leave the resident set at once and peak-RSS differences measure live buffers.
-    A worker killed by SIGKILL (the kernel's OOM killer) counts as ``{"status": "OOM"}``; any other
+    The worker inherits this environment plus ``env`` (no allocator tuning by default: the memory it
+    reports is what a user's process holds, allocator caching included). A worker killed by SIGKILL (the kernel's OOM killer) counts as ``{"status": "OOM"}``; any other
     failure as ``{"status": "error", "error": <last stderr lines>}``; a timeout as ``"timeout"``.
     """
     cmd = [sys.executable, "-m", module, "--worker", json.dumps(spec)]
     root = Path(__file__).resolve().parents[1]
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = str(root) + os.pathsep + full_env.get("PYTHONPATH", "")
-    # Every allocation above 128 KiB gets its own mapping, returned to the OS when freed: without
-    # this glibc raises its mmap threshold after the first large free and keeps later buffers in a
-    # heap that stays resident, so a warm-up's buffers would hide the measured run's.
-    full_env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     full_env.update(env or {})
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=root, env=full_env)

@@ -38,33 +38,59 @@ from benchmarks.workload import (BETA, DELTA, HEADS, IGNORE_INDEX, Case, cost_fl
 ALL = tuple(IMPLS)
 GPU_LOGPROB_IMPLS = ("triton", "triton-filtered", "torch", "eager", "compile", "cce")
 CPU_IMPLS = ("torch", "eager", "compile", "liger")
+#: The two standard GPU shapes (issue 18), bf16: (head, N loss tokens).
+STANDARD_SHAPES = (("qwen3.5-cce", 16384), ("llama3-8b", 16384))
 
 
-def _head(name: str, op: str, n: int, dtype: str, pairs: int = 8) -> Case:
+def _head(name: str, op: str, n: int, dtype: str, pairs: int = 8, **kw) -> Case:
     h, v = HEADS[name]
-    return Case(op=op, n=n, h=h, v=v, dtype=dtype, head=name, pairs=pairs)
+    return Case(op=op, n=n, h=h, v=v, dtype=dtype, head=name, pairs=pairs, **kw)
+
+
+def standard_cases(shapes=None) -> list[tuple[Case, tuple[str, ...]]]:
+    """The one-GPU-run plan (``scripts/gpu_check.py`` and ``--preset h100 --quick``), per shape:
+
+    * ``logprobs`` (LM-like logits): every kernel variant (or the default kernel when the package
+      has no variants), filtered, deterministic, our torch path, eager, torch.compile, Cut Cross-Entropy;
+    * ``logprobs`` with a frozen head: ours (Triton's frozen-head kernel, its frozen-head variants
+      incl. the forward + recompute backward for comparison, torch) and eager;
+    * ``loss``: ours (SafeDPO) and Liger's DPO loss on the same pairs (8 pairs, reference head).
+
+    ``shapes``: ((head or (name, H, V)), N) pairs; default :data:`STANDARD_SHAPES`.
+    """
+    variants = tuple(n for n in IMPLS if n.startswith("triton[") and not IMPLS[n].frozen_only)
+    frozen_variants = tuple(n for n in IMPLS if n.startswith("triton[") and IMPLS[n].frozen_only)
+    out = []
+    for head, n in shapes or STANDARD_SHAPES:
+        if isinstance(head, tuple):
+            name, h, v = head
+            mk = lambda op, **kw: Case(op=op, n=n, h=h, v=v, dtype="bfloat16", head=name, **kw)  # noqa: E731
+        else:
+            mk = lambda op, **kw: _head(head, op, n, "bfloat16", **kw)  # noqa: E731
+        out.append((mk("logprobs", logits="lm"), (variants or ("triton",)) + (
+            "triton-filtered", "triton-deterministic", "torch", "eager", "compile", "cce")))
+        out.append((mk("logprobs", logits="lm", frozen=True), ("triton",) + frozen_variants + ("torch", "eager")))
+        pairs = max(p for p in range(1, 9) if n % (2 * p) == 0)  # 8 pairs at the standard sizes
+        out.append((mk("loss", pairs=pairs), ("triton", "liger")))
+    return out
 
 
 def preset_cases(preset: str, quick: bool) -> list[tuple[Case, tuple[str, ...]]]:
     """(case, implementation names) of a preset. Unavailable implementations become skipped rows."""
     if preset == "cpu":
-        def c(op, n, v, pairs=4):
-            return Case(op=op, n=n, h=256, v=v, dtype="float32", head="cpu-small", pairs=pairs)
+        def c(op, n, v, dtype, pairs=4, **kw):
+            return Case(op=op, n=n, h=256, v=v, dtype=dtype, head="cpu-h256", pairs=pairs, **kw)
         if quick:
-            return [(c("loss", 512, 4000), CPU_IMPLS)]
-        v_sweep = [(c("loss", 1024, v), CPU_IMPLS) for v in (2000, 8000, 32000)]
-        n_sweep = [(c("loss", n, 8000), CPU_IMPLS) for n in (256, 2048)]
-        return v_sweep + n_sweep + [(c("logprobs", 2048, 8000), ("torch", "eager", "compile"))]
+            return [(c("loss", 256, 4000, "float32"), CPU_IMPLS)]
+        cases = []
+        for dtype in ("float32", "bfloat16"):
+            cases += [(c("loss", 256, 32000, dtype), CPU_IMPLS), (c("loss", 128, 152064, dtype, pairs=2), CPU_IMPLS)]
+        cases.append((c("logprobs", 512, 32000, "float32", frozen=True), ("torch", "eager", "compile")))
+        return cases
     if preset == "h100":
         bf = "bfloat16"
         if quick:
-            return [
-                (_head("llama3-8b", "logprobs", 16384, bf), ("triton", "triton-filtered", "torch", "eager", "cce")),
-                (_head("qwen3.5-cce", "logprobs", 16384, bf), ("triton", "triton-filtered", "cce", "eager")),
-                (_head("llama3-8b", "loss", 8192, bf), ALL),
-                (_head("gemma2-2b", "loss", 8192, bf), ("triton", "triton-filtered", "eager", "liger", "cce")),
-                (_head("llama2-13b", "loss", 8192, bf), ("triton", "triton-filtered", "eager", "liger", "cce")),
-            ]
+            return standard_cases()
         cases = [(_head("llama3-8b", "logprobs", n, bf), GPU_LOGPROB_IMPLS) for n in (2048, 4096, 8192, 16384, 32768)]
         cases += [(_head("qwen3.5-cce", "logprobs", 16384, bf), GPU_LOGPROB_IMPLS)]
         cases += [(_head("llama3-8b", "loss", n, bf), ALL) for n in (2048, 8192, 16384, 32768)]
@@ -85,42 +111,90 @@ def _zero_grads(inputs: dict) -> None:
         t.grad = None
 
 
+def make_runner(case: Case, impl_name: str, device: torch.device, inputs: dict):
+    """``run() -> value``: one forward+backward of an implementation on ``inputs`` (grads reset first)."""
+    step = IMPLS[impl_name].build(case, device)
+
+    def run():
+        _zero_grads(inputs)
+        value, objective = step(inputs)
+        objective.backward()
+        return value
+
+    return run
+
+
+def collect_outputs(value: torch.Tensor, inputs: dict) -> dict:
+    """The value and the gradients of the run that just finished (copies), for the guard."""
+    outputs = {"value": value.detach().clone()}
+    outputs.update({k: (None if t.grad is None else t.grad.detach().clone()) for k, t in grad_leaves(inputs).items()})
+    return outputs
+
+
+def _failure(exc: BaseException) -> dict:
+    status = "OOM" if harness.is_oom(exc) else "error"
+    return {"status": status, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+
+
 def measure(case: Case, impl_name: str, device: torch.device, *, reps: int, seed: int,
-            inputs: dict | None = None) -> tuple[dict, dict | None]:
-    """Time and peak memory of one implementation on one case -> (row, outputs for the guard)."""
+            inputs: dict | None = None, warmup: int | None = None) -> tuple[dict, dict | None]:
+    """Peak memory and time of one implementation on one case -> (row, outputs for the guard).
+
+    ``warmup`` runs (default: the implementation's), then one run under :class:`harness.PeakMemory`
+    whose outputs are returned, then ``reps`` timed runs (none when ``reps == 0``: the CPU preset
+    times all implementations of a case interleaved in another process, :func:`time_interleaved`).
+    """
     impl = IMPLS[impl_name]
     reason = impl.unavailable(case, device)
     if reason:
         return {"status": "skipped", "error": reason}, None
     inputs = make_inputs(case, device, seed) if inputs is None else inputs
     try:
-        step = impl.build(case, device)
-
-        def run():
-            _zero_grads(inputs)
-            value, objective = step(inputs)
-            objective.backward()
-            return value
-
-        for _ in range(impl.warmup):
+        run = make_runner(case, impl_name, device, inputs)
+        # CPU: the entry level is the RSS before the warm-up, so that what the (default) allocator
+        # keeps resident from the warm-up, and the measured run reuses, counts as this run's memory.
+        harness.free_device_memory(device)
+        base = harness.current_rss_bytes() if device.type == "cpu" else None
+        for _ in range(impl.warmup if warmup is None else warmup):
             run()
         _zero_grads(inputs)
         harness.free_device_memory(device)
-        with harness.PeakMemory(device) as pm:
+        with harness.PeakMemory(device, base_bytes=base) as pm:
             value = run()
-        outputs = {"value": value.detach().clone()}
-        outputs.update({k: (None if t.grad is None else t.grad.detach().clone())
-                        for k, t in grad_leaves(inputs).items()})
-        timing = harness.time_ms(run, device, reps=reps, warmup=0)
+        outputs = collect_outputs(value, inputs)
+        timing = harness.time_ms(run, device, reps=reps, warmup=0) if reps > 0 else {}
     except Exception as exc:  # OOM and every other failure is a result
         _zero_grads(inputs)
         harness.free_device_memory(device)
-        status = "OOM" if harness.is_oom(exc) else "error"
-        return {"status": status, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}, None
+        return _failure(exc), None
     _zero_grads(inputs)
     row = {"status": "ok", "extra_bytes": pm.extra_bytes, "grad_bytes": grad_bytes(inputs),
            "loss": float(value.detach().float().sum()), **timing}
     return row, outputs
+
+
+def time_interleaved(case: Case, names: list[str], device: torch.device, *, reps: int, seed: int) -> dict[str, dict]:
+    """Every implementation of a case timed in one process, interleaved: after each one's warm-up,
+    rep r runs them all in turn (the order rotating each rep), so a change in the machine's load
+    hits all of them alike; medians per implementation (``harness.time_interleaved``). Each
+    implementation gets its own copy of the inputs (same values): state one leaves on its tensors
+    (e.g. dynamo's dimension marks, which made torch.compile recompile) cannot reach another."""
+    runs, out, per_impl = {}, {}, {}
+    for n in names:
+        try:
+            inputs = per_impl[n] = make_inputs(case, device, seed)
+            run = make_runner(case, n, device, inputs)
+            for _ in range(IMPLS[n].warmup):
+                run()
+            runs[n] = run
+            _zero_grads(inputs)
+        except Exception as exc:
+            out[n] = _failure(exc)
+    try:
+        out.update(harness.time_interleaved(runs, device, reps=reps))
+    except Exception as exc:
+        out.update({n: _failure(exc) for n in runs})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,8 +235,8 @@ def reference_outputs(case: Case, kind: str, device: torch.device, seed: int, me
                                                    beta=BETA, delta=delta, ignore_index=IGNORE_INDEX)
             else:
                 module = FusedLinearSafeDPOLoss(beta=BETA, delta=delta, ignore_index=IGNORE_INDEX, impl="torch")
-                value, _ = module(x["weight"], x["_input"], x["target"], *flags,
-                                  ref_input=x["ref_input"], ref_weight=x["ref_weight"])
+                value, _ = module(x["weight"], x["_input"], x["target"], chosen_unsafe=flags[0],
+                                  rejected_unsafe=flags[1], ref_input=x["ref_input"], ref_weight=x["ref_weight"])
             value.backward()
     finally:
         if old_budget is None:
@@ -184,19 +258,34 @@ def _finish_row(row: dict, case: Case, impl_name: str, gemm: dict, env: dict) ->
     row.update({"case": case.as_dict(), "case_label": case.label(), "impl": impl_name, "impl_label": impl.label,
                 "loss_kind": impl.loss_kind, "note": impl.note, "device": env["device_name"],
                 "commit": env["commit"], "date": env["date"]})
-    if row.get("status") == "ok":
-        flops = cost_flops(case, impl.recompute)
-        row["flops"] = flops
-        row["tflops"] = flops / (harness.rate_ms(row) * 1e-3) / 1e12
-        row["pct_gemm"] = 100 * row["tflops"] / gemm["tflops"] if gemm.get("tflops") else None
+    if row.get("status") == "ok" and ("median_ms" in row or "cpu_median_ms" in row):
+        row.update(rates(case, impl_name, harness.rate_ms(row), gemm))
     return row
+
+
+def rates(case: Case, impl_name: str, ms: float, gemm: dict) -> dict:
+    """TFLOP/s and % of the measured GEMM rate, at the implementation's own cost-model FLOPs and at
+    the eager (materialized) FLOPs of the same work (6NHV; 4NHV frozen head; +2NHV reference head):
+    the second is comparable across implementations ("useful work per second")."""
+    flops = IMPLS[impl_name].flops(case)
+    useful = cost_flops(case, recompute=False)
+    out = {"flops": flops, "useful_flops": useful, "tflops": flops / (ms * 1e-3) / 1e12,
+           "useful_tflops": useful / (ms * 1e-3) / 1e12}
+    rate = gemm.get("tflops")
+    out["pct_gemm"] = 100 * out["tflops"] / rate if rate else None
+    out["pct_gemm_useful"] = 100 * out["useful_tflops"] / rate if rate else None
+    return out
 
 
 def run_cases(cases, device: torch.device, *, reps: int, seed: int, env: dict, gemm: dict,
               budget_s: float | None = None, impl_filter: set[str] | None = None, check: bool = True,
-              threads: int | None = None, in_process: bool | None = None) -> list[dict]:
-    """Every (case, implementation): a fresh worker process per measurement on the CPU, in-process on a GPU
-    (``in_process`` overrides: the tests run the GPU branch on the CPU)."""
+              threads: int | None = None, in_process: bool | None = None,
+              worker_env: dict | None = None) -> list[dict]:
+    """Every (case, implementation). CPU: a fresh worker process per implementation for its peak memory
+    and outputs, then one worker that times all of the case's implementations interleaved
+    (:func:`time_interleaved`). GPU: in-process, one implementation after the other (``in_process``
+    overrides: the tests run the GPU branch on the CPU). ``worker_env``: extra environment of the
+    CPU workers (e.g. ``MALLOC_MMAP_THRESHOLD_``)."""
     if in_process is None:
         in_process = device.type != "cpu"
     rows: list[dict] = []
@@ -213,18 +302,34 @@ def run_cases(cases, device: torch.device, *, reps: int, seed: int, env: dict, g
             results = {n: ({"status": "skipped", "error": f"time budget of {budget_s:.0f} s spent"}, None) for n in names}
         elif not in_process:
             with tempfile.TemporaryDirectory() as tmp:
+                runnable = []
                 for n in names:
                     reason = IMPLS[n].unavailable(case, device)
                     if reason:
                         results[n] = ({"status": "skipped", "error": reason}, None)
                         continue
                     save = str(Path(tmp) / f"{n}.pt")
-                    spec = {"case": case.as_dict(), "impl": n, "reps": reps, "seed": seed, "save": save,
-                            "threads": threads}
-                    row = harness.run_worker("benchmarks.loss", spec)
+                    spec = {"mode": "memory", "case": case.as_dict(), "impl": n, "reps": 0, "seed": seed,
+                            "save": save, "threads": threads}
+                    row = harness.run_worker("benchmarks.loss", spec, env=worker_env)
                     out = torch.load(save, weights_only=True) if row.get("status") == "ok" and check else None
                     results[n] = (row, out)
-                    print(f"[loss]   {n}: {row.get('status')} {row.get('median_ms', '')}", file=sys.stderr, flush=True)
+                    if row.get("status") == "ok":
+                        runnable.append(n)
+                    print(f"[loss]   {n} memory: {row.get('status')} {row.get('extra_bytes', '')}", file=sys.stderr,
+                          flush=True)
+                if runnable and reps > 0:
+                    spec = {"mode": "time", "case": case.as_dict(), "impls": runnable, "reps": reps, "seed": seed,
+                            "threads": threads}
+                    timed = harness.run_worker("benchmarks.loss", spec, env=worker_env)
+                    for n in runnable:
+                        t = timed.get("timings", {}).get(n) or {"status": timed.get("status", "error"),
+                                                                "error": timed.get("error", "no timing")}
+                        if t.get("status", "ok") != "ok":
+                            results[n] = ({**results[n][0], **t}, results[n][1])
+                        else:
+                            results[n][0].update(t)
+                        print(f"[loss]   {n} time: {results[n][0].get('median_ms', '')}", file=sys.stderr, flush=True)
         else:
             try:
                 inputs = make_inputs(case, device, seed)
@@ -263,10 +368,14 @@ def run_cases(cases, device: torch.device, *, reps: int, seed: int, env: dict, g
 
 
 def worker(spec: dict) -> dict:
-    """One (case, implementation) in this fresh process; outputs saved to spec['save']."""
+    """In this fresh process: mode "memory" (one implementation, outputs saved to spec['save']) or
+    "time" (every implementation in spec['impls'], interleaved)."""
     case = Case(**spec["case"])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    if spec.get("mode") == "time":
+        return {"status": "ok", "timings": time_interleaved(case, spec["impls"], torch.device("cpu"),
+                                                             reps=spec["reps"], seed=spec["seed"])}
     row, out = measure(case, spec["impl"], torch.device("cpu"), reps=spec["reps"], seed=spec["seed"])
     if out is not None and spec.get("save"):
         torch.save(out, spec["save"])
@@ -366,31 +475,35 @@ def _verdict(row: dict) -> str:
 def markdown_report(rows: list[dict], env: dict, gemm: dict, args: argparse.Namespace) -> str:
     cpu = env["device"] == "cpu"
     headers = ["case", "implementation", "median ms"] + (["CPU ms"] if cpu else []) + [
-        "TFLOP/s", "% GEMM", "peak extra MiB", "extra - grads MiB", "max rel err", "guard", "note"]
+        "TFLOP/s", "% GEMM", "% GEMM at eager FLOPs", "peak extra MiB", "extra - grads MiB", "max rel err", "guard",
+        "note"]
     table = []
     for r in rows:
         if r.get("status") != "ok":
             table.append([r["case_label"], r["impl_label"], f"**{r['status']}**"] + (["-"] if cpu else []) +
-                         ["-"] * 6 + [r.get("error", "")[:120]])
+                         ["-"] * 7 + [r.get("error", "")[:120]])
             continue
         chk = r.get("check") or {}
         table.append([
             r["case_label"], r["impl_label"], harness.fmt(r["median_ms"], 1)] +
             ([harness.fmt(r.get("cpu_median_ms"), 1)] if cpu else []) + [
-            harness.fmt(r["tflops"], 3 if cpu else 1), harness.fmt(r.get("pct_gemm"), 1),
+            harness.fmt(r.get("tflops"), 3 if cpu else 1), harness.fmt(r.get("pct_gemm"), 1),
+            harness.fmt(r.get("pct_gemm_useful"), 1),
             harness.fmt(r["extra_bytes"] / harness.MiB, 1),
             harness.fmt((r["extra_bytes"] - r["grad_bytes"]) / harness.MiB, 1),
             harness.fmt_err(chk.get("max_err")), _verdict(r), r.get("note", "")])
+    in_rows = [n for n in IMPLS if any(r["impl"] == n for r in rows)]
     skipped = sorted({(IMPLS[n].label, IMPLS[n].unavailable(Case("loss", 16, 8, 8, "float32", pairs=1),
                                                              torch.device(env["device"])))
-                      for n in IMPLS} - {(IMPLS[n].label, None) for n in IMPLS}, key=str)
+                      for n in in_rows} - {(IMPLS[n].label, None) for n in in_rows}, key=str)
     lines = [
         f"# SafeDPO loss benchmark: preset `{args.preset}`{' (quick)' if args.quick else ''}",
         "",
         f"- device: {env['device_name']}; torch {env['torch']}, triton {env['triton']}; commit {env['commit']}; {env['date']}",
         f"- command: `{env['command']}`",
         f"- measured GEMM rate of this device in this run: {gemm.get('tflops', float('nan')):.2f} TFLOP/s "
-        f"({gemm.get('dtype')} {gemm.get('size')}^3); load average at start {env['loadavg']}",
+        f"({gemm.get('dtype')} {gemm.get('size')}^3; the % GEMM of other dtypes is relative to it and can exceed "
+        f"100%); load average at start {env['loadavg']}",
         f"- time: median of {args.reps} reps after warm-up ({'CUDA events' if not cpu else 'perf_counter; CPU ms = process CPU time, all threads'}); "
         f"peak extra: {'max_memory_allocated above the inputs' if not cpu else 'peak RSS (VmHWM) above the inputs, fresh process per case'}, "
         "gradient outputs included (next column: without them)",
@@ -401,9 +514,20 @@ def markdown_report(rows: list[dict], env: dict, gemm: dict, args: argparse.Name
         f"({'eager autograd' if cpu else 'exact chunked path in float64'}), relative Frobenius error; tolerance "
         "fp32 1e-4, fp16 5e-3, bf16 3e-2. Liger computes plain DPO (no T(D), no margin) and is compared with "
         "plain DPO on the same pairs",
-        "- `loss` cases: B pairs as 2B rows, first T/8 positions of each row are prompt (ignored); flags cycle "
-        f"safe/safe, unsafe/safe (swap), safe/unsafe (margin), unsafe/unsafe (drop); beta={BETA}, delta={DELTA}",
+        "- same work for every implementation: `loss` cases have no prompt positions (every position carries a "
+        "loss, as after compacting the batch), so every implementation computes the same N tokens of logits "
+        "(`+prompt` cases: the first T/8 positions are ignored; ours drops them, the others compute and mask them); "
+        "flags cycle safe/safe, unsafe/safe (swap), safe/unsafe (margin), unsafe/unsafe (drop); "
+        f"beta={BETA}, delta={DELTA}",
     ]
+    if cpu:
+        lines.insert(4, "- CPU memory: glibc's default allocator" + (
+            f" with {args.worker_env}" if getattr(args, "worker_env", None) else " (no MALLOC_* tuning: what users get)")
+            + "; entry level = RSS before the warm-up runs, so memory the allocator keeps from them counts; "
+            "time: all implementations of a case timed in one process, interleaved rep by rep (ratios side by "
+            "side), memory and outputs from a fresh process per implementation")
+        lines.insert(4, f"- machine: {env['device_name']}, {os.cpu_count()} cores; load average at start "
+                        f"{env['loadavg']} (shared machine)")
     for label, reason in skipped:
         lines.append(f"- not run here: {label}: {reason}")
     lines += ["", harness.markdown_table(headers, table), ""]
@@ -424,6 +548,9 @@ def _parse(argv):
                         help="CPU: torch threads per worker (and for the GEMM rate); --threads 1 is far less "
                              "disturbed by other processes on a shared machine")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--mmap-threshold", type=int, default=None,
+                        help="CPU: run the workers with MALLOC_MMAP_THRESHOLD_=BYTES (live buffers only; "
+                             "default: glibc's defaults, what users get)")
     parser.add_argument("--dry-run", action="store_true", help="list cases and implementation availability, run nothing")
     parser.add_argument("--out", default="benchmarks/results", help="results folder (default benchmarks/results)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -436,7 +563,7 @@ def dry_run(cases, device: torch.device) -> list[dict]:
     for case, names in cases:
         for n in names:
             plan.append({"case": case.label(), "impl": n, "skip": IMPLS[n].unavailable(case, device),
-                         "flops": cost_flops(case, IMPLS[n].recompute)})
+                         "flops": IMPLS[n].flops(case)})
     return plan
 
 
@@ -485,8 +612,10 @@ def main(argv: list[str] | None = None) -> int:
         (out / "correctness.md").write_text(md)
         sections.append(md)
         print(md)
+    args.worker_env = {"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else None
     rows = run_cases(cases, device, reps=args.reps, seed=args.seed, env=env, gemm=gemm, budget_s=budget,
-                     impl_filter=impl_filter, check=not args.no_check, threads=args.threads)
+                     impl_filter=impl_filter, check=not args.no_check, threads=args.threads,
+                     worker_env=args.worker_env)
     payload["rows"] = rows
     report = markdown_report(rows, env, gemm, args)
     (out / "loss.md").write_text(report + ("\n" + sections[0] if sections else ""))
