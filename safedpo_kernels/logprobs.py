@@ -599,9 +599,11 @@ def linear_logprobs(
     if keep.numel() == 0:
         picked = _empty_logprobs(h, weight, bias)
     elif path == "triton":
+        # The transform keywords are passed only when set, so a plain head also works with kernels
+        # that predate them.
+        transform = {} if head == HeadOptions() else {"logit_scale": head.logit_scale, "softcap": head.softcap}
         picked = _triton_module().triton_linear_logprobs(
-            h, weight, y, bias, logit_scale=head.logit_scale, softcap=head.softcap,
-            deterministic=deterministic, grad_filter=grad_filter,
+            h, weight, y, bias, deterministic=deterministic, grad_filter=grad_filter, **transform,
         )
     else:
         picked = torch_linear_logprobs(h, weight, y, bias, head)
