@@ -339,6 +339,38 @@ def report(cases: list[dict], args: argparse.Namespace, env: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(cases: list[dict], path: Path) -> None:
+    """Bars per case: time and peak extra memory of every implementation relative to eager."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.9 * len(cases) + 2.5))
+    labels = [f"N={c['n']} H={c['h']} V={c['v']}\n{c['dtype']} {c['mode']}" for c in cases]
+    impls = [i for i in IMPL_LABELS if any(i in c["rows"] for c in cases)]
+    height = 0.8 / len(impls)
+    for ax, metric in zip(axes, ("time (CPU) / eager", "peak extra memory / eager")):
+        for k, impl in enumerate(impls):
+            vals = []
+            for c in cases:
+                r, e = c["rows"].get(impl, {}), c["rows"].get("eager", {})
+                ok = r.get("status") == "ok" and e.get("status") == "ok" and "cpu_ms" in r and "cpu_ms" in e
+                if not ok:
+                    vals.append(0.0)
+                elif metric.startswith("time"):
+                    vals.append(_ratio(c["rows"], impl, "eager", "cpu_ms"))
+                else:
+                    vals.append(r["extra_bytes"] / max(e["extra_bytes"], 1))
+            ax.barh([i + k * height for i in range(len(cases))], vals, height, label=impl)
+        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(cases))], labels, fontsize=8)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xlabel(metric)
+        ax.invert_yaxis()
+    axes[0].legend(fontsize=8)
+    fig.suptitle("linear_logprobs fwd+bwd on the CPU (ratios to eager, same dtype)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def parse_cases(args: argparse.Namespace) -> list[tuple[int, int, int, str, str]]:
     shapes = PRESETS[args.preset] if args.preset else [(args.n, args.h, args.v)]
     dtypes = args.dtypes.split(",") if args.dtypes else [args.dtype]
@@ -366,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                              "machine --threads 1 gives timings that other processes disturb far less")
     parser.add_argument("--no-check", action="store_true", help="skip the float64 errors")
     parser.add_argument("--out", default="benchmarks/results", help="results folder (default benchmarks/results)")
+    parser.add_argument("--plot", action="store_true", help="also write a PNG of the ratios (matplotlib)")
     parser.add_argument("--stem", default=None, help="result file name without extension (default "
                         "logprobs_memory[_<preset>][_threads<k>])")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -402,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(cases) == 1:  # single-case layout kept for the earlier readers
             payload.update(rows=cases[0]["rows"], goals=cases[0]["goals"])
         harness.write_json(out / f"{stem}.json", payload)
+    if args.plot:
+        plot(cases, out / f"{stem}.png")
     print(text)
     print(f"written: {out / (stem + '.md')}, {out / (stem + '.json')}")
     bad = [c for c in cases for r in c["rows"].values() if r.get("status") != "ok" or not r.get("check", {"ok": True})["ok"]]

@@ -335,17 +335,29 @@ def chunked_backward(
             tile, t = _tile_logits(hidden[s0:s1], w, b, head, acc, row_offset=offset[s0:s1])
             tile.exp_()
             rows = ((y >= v0) & (y < v1)).nonzero().squeeze(-1)
-            tile[rows, y[rows] - v0] -= onehot[s0:s1][rows]
+            cols = y[rows] - v0
+            hit = onehot[s0:s1][rows]
             if t is not None:
-                tile.mul_(t.mul_(t).neg_().add_(1.0))
+                deriv = t.mul_(t).neg_().add_(1.0)  # (1 - tanh^2); the scale is in the offset
+                tile.mul_(deriv)
+                hit = hit * deriv[rows, cols]
+            if low:
+                # The softmax part goes through the low-precision GEMM; the one-hot part of
+                # grad_hidden (hit * W[y]) is added exactly in float32, so no bf16 partial sum has to
+                # carry the large label term (eager rounds G @ W once, label term included).
+                tile_lo = tile.to(hidden.dtype)
+                if need_h:
+                    u[s0:s1] += mm_native(tile_lo, w, acc)
+                    u.index_add_(0, rows + s0, w[cols].to(acc).mul_(hit[:, None]), alpha=-1)
+                tile[rows, cols] -= hit
+                tile_lo[rows, cols] = tile[rows, cols].to(hidden.dtype)
+            else:
+                tile[rows, cols] -= hit
+                tile_lo = tile
+                if need_h:
+                    u[s0:s1].addmm_(tile, w)
             if need_b:
                 grad_b[v0:v1].addmv_(tile.T, row[s0:s1])
-            tile_lo = tile.to(hidden.dtype) if low else tile
-            if need_h:
-                if low:
-                    u[s0:s1] += mm_native(tile_lo, w, acc)
-                else:
-                    u[s0:s1].addmm_(tile_lo, w)
             if need_w:
                 hs = signed_hidden[s0:s1]
                 if s1 - s0 == m:  # one chunk holds every token: one GEMM writes the block
@@ -587,9 +599,11 @@ def linear_logprobs(
     if keep.numel() == 0:
         picked = _empty_logprobs(h, weight, bias)
     elif path == "triton":
+        # The transform keywords are passed only when set, so a plain head also works with kernels
+        # that predate them.
+        transform = {} if head == HeadOptions() else {"logit_scale": head.logit_scale, "softcap": head.softcap}
         picked = _triton_module().triton_linear_logprobs(
-            h, weight, y, bias, logit_scale=head.logit_scale, softcap=head.softcap,
-            deterministic=deterministic, grad_filter=grad_filter,
+            h, weight, y, bias, deterministic=deterministic, grad_filter=grad_filter, **transform,
         )
     else:
         picked = torch_linear_logprobs(h, weight, y, bias, head)

@@ -295,3 +295,26 @@ def test_chunk_budget_env_is_checked(monkeypatch, value):
     monkeypatch.setenv("SAFEDPO_CHUNK_BUDGET_MB", value)
     with pytest.raises(ValueError, match="SAFEDPO_CHUNK_BUDGET_MB"):
         linear_logprobs(torch.zeros(3, 4), torch.zeros(10, 4), torch.tensor([0, 1, 2]), impl="torch")
+
+
+def test_triton_dispatch_passes_the_transform_and_compacted_inputs(monkeypatch):
+    """impl='triton' hands the compacted tokens and logit_scale / softcap to the kernels' entry point."""
+    seen = []
+
+    class FakeKernels:
+        @staticmethod
+        def triton_is_usable(device):
+            return True
+
+        @staticmethod
+        def triton_linear_logprobs(h, w, y, b=None, **kwargs):
+            seen.append((h.shape[0], y.tolist(), kwargs))
+            return torch.full((h.shape[0],), -1.0)
+
+    monkeypatch.setattr(lp, "_triton_module", lambda: FakeKernels)
+    hidden, weight, labels = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([3, -100, 9, 0])
+    out = linear_logprobs(hidden, weight, labels, impl="triton", logit_scale=0.5, softcap=30.0, deterministic=True)
+    assert out.tolist() == [-1.0, 0.0, -1.0, -1.0]
+    assert seen[0] == (3, [3, 9, 0], {"deterministic": True, "grad_filter": False, "logit_scale": 0.5, "softcap": 30.0})
+    linear_logprobs(hidden, weight, labels, impl="triton")
+    assert seen[1][2] == {"deterministic": False, "grad_filter": False}
