@@ -174,8 +174,16 @@ def _cap_derivative_(t: torch.Tensor, head: HeadOptions) -> torch.Tensor:
 
 def _target_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                    head: HeadOptions, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """l_y (T,) and dl/dz at the target (T,), in ``acc``: z_y = h . W[y] + b[y] in ``acc`` arithmetic."""
+    """l_y (T,) and dl/dz at the target (T,), in ``acc``: z_y = h . W[y] + b[y] in ``acc`` arithmetic.
+
+    Where the vocabulary tiles come from a low-precision GEMM output (bf16/fp16 without ``out_dtype``,
+    e.g. on the CPU), z_y is rounded to the inputs' dtype as those tiles are, so l_y and the
+    log-sum-exp carry the same rounding and it cancels in log p_y when the label dominates
+    (an exact z_y against rounded tiles gave 4x eager's error on peaked distributions).
+    """
     z = (h.to(acc) * weight[labels].to(acc)).sum(-1)
+    if h.dtype != acc and not _mm_out_dtype_supported(h.device, h.dtype):
+        z = z.to(h.dtype).to(acc)
     if bias is not None:
         z = z + bias[labels].to(acc)
     if head.softcap is None:
