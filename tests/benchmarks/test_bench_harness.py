@@ -18,14 +18,33 @@ def test_time_ms_counts_reps_and_orders_stats():
         harness.time_ms(lambda: None, torch.device("cpu"), reps=0)
 
 
+_PEAK_PROBE = """
+import torch
+from benchmarks import harness
+keep = torch.ones(8 * 2**20)  # 32 MiB allocated before: an input, not counted
+with harness.PeakMemory(torch.device("cpu")) as pm:
+    x = torch.ones(16 * 2**20)  # 64 MiB transient, touched
+    del x
+assert keep.sum() > 0
+print(pm.exact, pm.extra_bytes / 2**20)
+"""
+
+
 def test_peak_memory_sees_a_transient_buffer_and_not_the_inputs():
-    keep = torch.ones(8 * 2**20)  # 32 MiB allocated before: an input, not counted
-    with harness.PeakMemory(torch.device("cpu")) as pm:
-        x = torch.ones(16 * 2**20)  # 64 MiB transient, touched
-        del x
-    assert keep.sum() > 0
-    extra_mib = pm.extra_bytes / 2**20
-    if pm.exact:
+    # A fresh process, as the benchmarks measure: with glibc's default allocator a process that has
+    # already freed large buffers (earlier tests in this worker) serves the 64 MiB from resident heap
+    # pages, and RSS does not move.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run([sys.executable, "-c", _PEAK_PROBE], capture_output=True, text=True, env=env,
+                         cwd=root, timeout=300, check=True).stdout.split()
+    exact, extra_mib = out[-2] == "True", float(out[-1])
+    if exact:
         assert 56 <= extra_mib <= 100, extra_mib
     else:  # without /proc/self/clear_refs the entry level is the process peak: only a lower bound holds
         assert extra_mib >= 0
