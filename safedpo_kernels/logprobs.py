@@ -350,15 +350,18 @@ def chunked_backward(
                 tile.mul_(deriv)
                 hit = hit * deriv[rows, cols]
             if low:
-                # The softmax part goes through the low-precision GEMM; the one-hot part of
-                # grad_hidden (hit * W[y]) is added exactly in float32, so no bf16 partial sum has to
-                # carry the large label term (eager rounds G @ W once, label term included).
+                # The label column's whole term (p_y |g| - hit) W[y] is added exactly in float32 and
+                # the low-precision GEMM carries only the other columns: no bf16 partial sum has to
+                # hold the large label term, and on a peaked distribution (p_y -> 1) the GEMM output
+                # is not a near-cancellation of p_y W[y] against the one-hot part.
+                tile[rows, cols] -= hit
+                label_term = tile[rows, cols]
                 tile_lo = tile.to(hidden.dtype)
                 if need_h:
+                    tile_lo[rows, cols] = 0
                     u[s0:s1] += mm_native(tile_lo, w, acc)
-                    u.index_add_(0, rows + s0, w[cols].to(acc).mul_(hit[:, None]), alpha=-1)
-                tile[rows, cols] -= hit
-                tile_lo[rows, cols] = tile[rows, cols].to(hidden.dtype)
+                    u.index_add_(0, rows + s0, w[cols].to(acc).mul_(label_term[:, None]))
+                    tile_lo[rows, cols] = label_term.to(hidden.dtype)
             else:
                 tile[rows, cols] -= hit
                 tile_lo = tile

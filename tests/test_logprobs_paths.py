@@ -106,8 +106,9 @@ def test_frozen_head_low_precision_no_worse_than_eager(seed, small_chunks, dtype
     if dtype == torch.float32:
         assert rel(out, ref) < 2e-6 and rel(g, gr) < 2e-6
     else:
-        assert rel(out, ref) <= 1.1 * rel(eager, ref)
-        assert rel(g, gr) <= 1.1 * rel(ge, gr), (rel(g, gr), rel(ge, gr))
+        floor = 0.25 * torch.finfo(dtype).eps  # the final rounding to dtype both paths share
+        assert rel(out, ref) <= 1.1 * rel(eager, ref) + floor
+        assert rel(g, gr) <= 1.1 * rel(ge, gr) + floor, (rel(g, gr), rel(ge, gr))
 
 
 def test_frozen_head_all_ignored_one_token_and_no_grad(seed, small_chunks):
