@@ -224,11 +224,16 @@ def tokenizer_corpus(splits: dict[str, list[dict]]) -> list[str]:
     return texts
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_fixture_args(argv: list[str] | None, doc: str, seed: int) -> argparse.Namespace:
+    """``--out`` (default: the package fixtures) and ``--seed`` (default ``seed``) of a fixture generator."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: the package fixtures)")
-    parser.add_argument("--seed", type=int, default=SEED)
-    args = parser.parse_args(argv)
+    parser.add_argument("--seed", type=int, default=seed)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_fixture_args(argv, __doc__, SEED)
     splits = generate_dataset(args.seed)
     for split, rows in splits.items():
         write_jsonl(rows, args.out / "pku_tiny" / f"{split}.jsonl")
