@@ -40,7 +40,7 @@ from __future__ import annotations
 import random
 
 from safedpo_kernels.data import long_vocab as V
-from safedpo_kernels.data.make_fixture import parse_fixture_args, tokenizer_corpus, train_tokenizer, write_jsonl
+from safedpo_kernels.data.make_fixture import parse_fixture_args, pku_row, tokenizer_corpus, train_tokenizer, write_jsonl
 from safedpo_kernels.data.rule_judge import judge_long
 
 SEED = 20261129
@@ -149,18 +149,7 @@ def generate_split(split: str, rng: random.Random) -> list[dict]:
                 break
         else:  # pragma: no cover - the vocabulary makes agreement likely within a few draws
             raise RuntimeError(f"could not draw a judge-consistent {kind} pair for {prompt!r}")
-        better_id = rng.randint(0, 1)
-        responses, safe = [worse, worse], [worse_safe, worse_safe]
-        responses[better_id], safe[better_id] = better, better_safe
-        rows.append({
-            "prompt": prompt,
-            "response_0": responses[0],
-            "response_1": responses[1],
-            "is_response_0_safe": safe[0],
-            "is_response_1_safe": safe[1],
-            "better_response_id": better_id,
-            "safer_response_id": better_id if better_is_safer else 1 - better_id,
-        })
+        rows.append(pku_row(prompt, better, worse, better_safe, worse_safe, better_is_safer, rng))
     return rows
 
 
