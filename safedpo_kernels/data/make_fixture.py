@@ -146,6 +146,23 @@ def _judge_agrees(prompt: str, better: str, worse: str, better_safe: bool, worse
     )
 
 
+def pku_row(prompt: str, better: str, worse: str, better_safe: bool, worse_safe: bool, better_is_safer: bool,
+            rng: random.Random) -> dict:
+    """One PKU-SafeRLHF-30K row, the better response at a position drawn from ``rng`` (one ``randint``)."""
+    better_id = rng.randint(0, 1)
+    responses, safe = [worse, worse], [worse_safe, worse_safe]
+    responses[better_id], safe[better_id] = better, better_safe
+    return {
+        "prompt": prompt,
+        "response_0": responses[0],
+        "response_1": responses[1],
+        "is_response_0_safe": safe[0],
+        "is_response_1_safe": safe[1],
+        "better_response_id": better_id,
+        "safer_response_id": better_id if better_is_safer else 1 - better_id,
+    }
+
+
 def generate_split(n: int, rng: random.Random) -> list[dict]:
     """``n`` rows in the PKU-SafeRLHF-30K schema. Each pair is redrawn until the rule judge agrees with
     its labels (safety of both responses, and better strictly more helpful than worse)."""
@@ -160,20 +177,7 @@ def generate_split(n: int, rng: random.Random) -> list[dict]:
                 break
         else:  # pragma: no cover - the vocabulary guarantees agreement within a few draws
             raise RuntimeError(f"could not draw a judge-consistent {kind} pair")
-        better_id = rng.randint(0, 1)
-        responses = [worse, worse]
-        responses[better_id] = better
-        safe = [worse_safe, worse_safe]
-        safe[better_id] = better_safe
-        rows.append({
-            "prompt": prompt,
-            "response_0": responses[0],
-            "response_1": responses[1],
-            "is_response_0_safe": safe[0],
-            "is_response_1_safe": safe[1],
-            "better_response_id": better_id,
-            "safer_response_id": better_id if better_is_safer else 1 - better_id,
-        })
+        rows.append(pku_row(prompt, better, worse, better_safe, worse_safe, better_is_safer, rng))
     return rows
 
 
@@ -224,11 +228,16 @@ def tokenizer_corpus(splits: dict[str, list[dict]]) -> list[str]:
     return texts
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_fixture_args(argv: list[str] | None, doc: str, seed: int) -> argparse.Namespace:
+    """``--out`` (default: the package fixtures) and ``--seed`` (default ``seed``) of a fixture generator."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: the package fixtures)")
-    parser.add_argument("--seed", type=int, default=SEED)
-    args = parser.parse_args(argv)
+    parser.add_argument("--seed", type=int, default=seed)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_fixture_args(argv, __doc__, SEED)
     splits = generate_dataset(args.seed)
     for split, rows in splits.items():
         write_jsonl(rows, args.out / "pku_tiny" / f"{split}.jsonl")

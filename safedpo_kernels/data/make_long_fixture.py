@@ -37,12 +37,10 @@ the better response strictly more helpful, both responses fluent.
 
 from __future__ import annotations
 
-import argparse
 import random
-from pathlib import Path
 
 from safedpo_kernels.data import long_vocab as V
-from safedpo_kernels.data.make_fixture import DEFAULT_OUT, PLAIN_TEMPLATE_TEXT, train_tokenizer, write_jsonl
+from safedpo_kernels.data.make_fixture import parse_fixture_args, pku_row, tokenizer_corpus, train_tokenizer, write_jsonl
 from safedpo_kernels.data.rule_judge import judge_long
 
 SEED = 20261129
@@ -151,18 +149,7 @@ def generate_split(split: str, rng: random.Random) -> list[dict]:
                 break
         else:  # pragma: no cover - the vocabulary makes agreement likely within a few draws
             raise RuntimeError(f"could not draw a judge-consistent {kind} pair for {prompt!r}")
-        better_id = rng.randint(0, 1)
-        responses, safe = [worse, worse], [worse_safe, worse_safe]
-        responses[better_id], safe[better_id] = better, better_safe
-        rows.append({
-            "prompt": prompt,
-            "response_0": responses[0],
-            "response_1": responses[1],
-            "is_response_0_safe": safe[0],
-            "is_response_1_safe": safe[1],
-            "better_response_id": better_id,
-            "safer_response_id": better_id if better_is_safer else 1 - better_id,
-        })
+        rows.append(pku_row(prompt, better, worse, better_safe, worse_safe, better_is_safer, rng))
     return rows
 
 
@@ -172,20 +159,8 @@ def generate_dataset(seed: int = SEED) -> dict[str, list[dict]]:
     return {split: generate_split(split, rng) for split in V.SPLITS}
 
 
-def tokenizer_corpus(splits: dict[str, list[dict]]) -> list[str]:
-    texts = []
-    for rows in splits.values():
-        for row in rows:
-            texts.append(PLAIN_TEMPLATE_TEXT.format(prompt=row["prompt"]))
-            texts.extend((row["response_0"], row["response_1"]))
-    return texts
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: the package fixtures)")
-    parser.add_argument("--seed", type=int, default=SEED)
-    args = parser.parse_args(argv)
+    args = parse_fixture_args(argv, __doc__, SEED)
     splits = generate_dataset(args.seed)
     for split, rows in splits.items():
         write_jsonl(rows, args.out / NAME / f"{split}.jsonl")

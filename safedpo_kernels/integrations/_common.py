@@ -286,6 +286,13 @@ def check_model_head(name: str, model: nn.Module) -> None:
         )
 
 
+def check_columns(name: str, columns: Sequence[str], required: Sequence[str], what: str, hint: str) -> None:
+    """ValueError ``"{name}: missing {what} columns [...] {hint}"`` when a ``required`` column is not in ``columns``."""
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise ValueError(f"{name}: missing {what} columns {missing} {hint}")
+
+
 class MetricsBuffer:
     """Per-mode lists of metric values between two ``Trainer.log`` calls, averaged when logged.
 

@@ -52,6 +52,7 @@ from safedpo_kernels.integrations._common import (
     WindowCounts,
     batch_flags,
     batch_reference_logps,
+    check_columns,
     check_model_head,
     gather_mean,
     is_peft_model,
@@ -289,10 +290,8 @@ def _check_pair_columns(name: str, columns: list[str], *, needs_reference: bool)
             "tokenize with safedpo_kernels.data.tokenize_pairs, or use the TRL trainer "
             "(safedpo_kernels.integrations.SafeDPOTrainer), which tokenizes prompt/chosen/rejected itself"
         )
-    missing = [c for c in FLAG_COLUMNS if c not in columns]
-    if missing:
-        raise ValueError(f"{name}: missing unsafe-flag columns {missing} (bool, 1 = unsafe response); "
-                         "load the data with safedpo_kernels.data.load_pairs, which adds them")
+    check_columns(name, columns, FLAG_COLUMNS, "unsafe-flag", "(bool, 1 = unsafe response); "
+                  "load the data with safedpo_kernels.data.load_pairs, which adds them")
     if needs_reference and not all(c in columns for c in REF_COLUMNS):
         raise ValueError(
             f"{name}: no reference: the dataset has no {list(REF_COLUMNS)} columns and no ref_model was given; "

@@ -67,6 +67,7 @@ from safedpo_kernels.integrations._common import (
     WindowCounts,
     batch_flags,
     batch_reference_logps,
+    check_columns,
     check_model_head,
     gather_mean,
     is_peft_model,
@@ -362,17 +363,13 @@ def _prepare_pairs(name: str, dataset: Any, flag_columns: tuple[str, str], templ
             "prompt/chosen/rejected itself: pass the pairs from load_pairs, or use SafeDPOHFTrainer for "
             "pre-tokenized data"
         )
-    missing = [c for c in ("chosen", "rejected") if c not in cols]
-    if missing:
-        raise ValueError(f"{name}: missing TRL preference columns {missing} (prompt/chosen/rejected, text or "
-                         f"conversational), got {cols}")
-    missing = [c for c in flag_columns if c not in cols]
-    if missing:
-        raise ValueError(
-            f"{name}: missing unsafe-flag columns {missing} (bool or 0/1, 1 = unsafe response); load "
-            "PKU-SafeRLHF-style data with safedpo_kernels.data.load_pairs, which adds them, or name your columns "
-            "with chosen_unsafe_column= / rejected_unsafe_column="
-        )
+    check_columns(name, cols, ("chosen", "rejected"), "TRL preference",
+                  f"(prompt/chosen/rejected, text or conversational), got {cols}")
+    check_columns(
+        name, cols, flag_columns, "unsafe-flag",
+        "(bool or 0/1, 1 = unsafe response); load PKU-SafeRLHF-style data with safedpo_kernels.data.load_pairs, "
+        "which adds them, or name your columns with chosen_unsafe_column= / rejected_unsafe_column=",
+    )
     if callable(getattr(dataset, "unique", None)):  # a map-style Dataset: check every value once
         from safedpo_kernels.data.schema import as_flag
 

@@ -9,13 +9,26 @@ kernels accumulate in float32, so they are usually better (see docs/kernels.md).
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "kernel tests run under the Triton interpreter (tests/conftest.py)"
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_script(name: str):
+    """Import ``scripts/<name>.py`` afresh as module ``name`` (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_inputs(m: int, h: int, v: int, *, bias: bool = True, peaked: float = 0.0):

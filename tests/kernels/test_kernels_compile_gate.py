@@ -2,7 +2,6 @@
 no spills and the right tensor-core ops, its checks can fail, and the committed full table covers
 every target that ships today."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,17 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from kernels_testutils import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "benchmarks" / "results" / "compile_gate.txt"
 
 
 def _gate():
-    spec = importlib.util.spec_from_file_location("compile_gate", ROOT / "scripts" / "compile_gate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script("compile_gate")
 
 
 def _row(**kw):

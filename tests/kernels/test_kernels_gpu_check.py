@@ -1,7 +1,6 @@
 """scripts/gpu_check.py: arguments, the verdict rules, and a --dry-run on the CPU (Triton interpreter,
 tiny shapes) that runs every row's code path; the budget watchdog in a subprocess."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,16 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from kernels_testutils import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_check")
 
 
 def test_arguments():
