@@ -247,7 +247,9 @@ def frozen_head_forward(
     cap). The sum is accumulated in the same sweep as the log-sum-exp: per vocabulary block, with
     running max m, running sum s = sum exp(l - m) and running vector a = sum exp(l - m) c' W,
     both rescaled by exp(m_old - m_new) when the max moves; at the end lse = m + log s and the mean
-    is a / s. The bias enters l (and so p) but not D.
+    is a / s. The bias enters l (and so p) but not D. The label column is kept out of a and tracked
+    as a scalar per token, so D_i = (c'_y - p_y c'_y) W[y] - (a without y) / s: on a peaked
+    distribution (p_y -> 1) no GEMM output has to cancel p_y W[y] against the one-hot term.
     """
     m_tok, hid = hidden.shape
     acc = _acc_dtype(hidden.dtype)
@@ -256,7 +258,9 @@ def frozen_head_forward(
     direction = torch.empty(m_tok, hid, dtype=acc, device=hidden.device)
     for s0, s1 in _spans(m_tok, chunk):
         h = hidden[s0:s1]
+        y = labels[s0:s1]
         run_max = run_sum = mean = None
+        label_weight = torch.zeros(s1 - s0, dtype=acc, device=hidden.device)  # e_y c'_y, rescaled as a
         for v0, v1 in _spans(weight.shape[0], block):
             w = weight[v0:v1]
             logits, t = _tile_logits(h, w, None if bias is None else bias[v0:v1], head, acc)
@@ -265,11 +269,17 @@ def frozen_head_forward(
             block_sum = e.sum(-1)
             if t is not None:  # weight each probability by its own cap derivative
                 e.mul_(_cap_derivative_(t, head))
+            if run_max is not None:
+                alpha = torch.exp(run_max - new_max)
+                label_weight.mul_(alpha)
+            rows = ((y >= v0) & (y < v1)).nonzero().squeeze(-1)
+            cols = y[rows] - v0
+            label_weight[rows] = e[rows, cols]
+            e[rows, cols] = 0  # the label column goes through label_weight, exactly
             e_w = e if e.dtype == w.dtype else e.to(w.dtype)
             if run_max is None:
                 run_sum, mean = block_sum, mm_acc(e_w, w, acc)
             else:
-                alpha = torch.exp(run_max - new_max)
                 run_sum = run_sum.mul_(alpha).add_(block_sum)
                 if not bool((alpha == 1).all()):  # the max moved for some token: rescale its sum
                     mean.mul_(alpha[:, None])
@@ -279,11 +289,13 @@ def frozen_head_forward(
                     mean += mm_native(e_w, w, acc)
             run_max = new_max
         mean.div_(run_sum[:, None])
+        label_weight.div_(run_sum)
         if head.softcap is None and head.logit_scale != 1.0:
             mean.mul_(head.logit_scale)
-        l_y, d_y = _target_logits(h, weight, bias, labels[s0:s1], head, acc)
+            label_weight.mul_(head.logit_scale)
+        l_y, d_y = _target_logits(h, weight, bias, y, head, acc)
         logp[s0:s1] = _nan_where_nonfinite_(l_y - (run_max + torch.log(run_sum)), h)
-        torch.sub(weight[labels[s0:s1]].to(acc).mul_(d_y[:, None]), mean, out=direction[s0:s1])
+        torch.sub(weight[y].to(acc).mul_((d_y - label_weight)[:, None]), mean, out=direction[s0:s1])
     return logp, direction
 
 
