@@ -154,5 +154,6 @@ def test_fused_safedpo_equals_the_models_full_logit_forward_fp32(model_type, pat
     if model_type != "llama":  # the raw lm_head.weight alone (the old quickstart pattern) is wrong for these
         with torch.no_grad():
             out = hidden_states_and_head_weight(lm, ids, mask)
-            raw = _safedpo(causal_lm_sequence_logps(out.hidden, out.weight, labels), batch)
-        assert (raw - eager).abs() > 0.05 * eager.abs()
+            raw = causal_lm_sequence_logps(out.hidden, out.weight, labels)
+        # on the sequence log-probs (a loss of pairs can land near the true one by chance)
+        assert (raw - eager_seq.detach()).abs().max() > 0.05 * eager_seq.detach().abs().max()

@@ -14,7 +14,7 @@ from safedpo_kernels.triton_logprobs import KernelStats, triton_linear_logprobs
 LOOSER = {"dw_lowp": 4.0 / 1.25}
 
 
-def _compare(inputs, dtype, variant, **kw):
+def _compare(inputs, dtype, variant, check_accuracy=True, **kw):
     hidden, weight, b, labels, g = inputs
     stats = KernelStats()
 
@@ -29,7 +29,8 @@ def _compare(inputs, dtype, variant, **kw):
     out = values_and_grads(kernel, hidden, weight, b, labels, g, dtype)
     errs = errors(out, ref)
     limits = [lim * LOOSER.get(variant, 1.0) for lim in bound(errors(eager, ref), dtype)]
-    assert all(e <= lim for e, lim in zip(errs, limits)), (variant, errs, limits)
+    if check_accuracy:
+        assert all(e <= lim for e, lim in zip(errs, limits)), (variant, errs, limits)
     assert stats.variant == variant
     return out, stats
 
@@ -72,8 +73,13 @@ def _scattered_confident_inputs(m=48, h=72, v=333):
 def test_filter_stats_and_vocabulary_ordering(seed, deterministic):
     inputs = _scattered_confident_inputs()
     hidden, weight, b, labels, g = inputs
-    _, plain = _compare(inputs, torch.float32, "default", grad_filter=True, deterministic=deterministic)
-    _, ordered = _compare(inputs, torch.float32, "filter_sorted", deterministic=deterministic)
+    # Statistics only: on these near-certain tokens the whole gradient is of the size of the skipped
+    # softmax tail (1 - p_y ~ the dtype's resolution), so filtering is not accurate relative to it
+    # (seen: up to 2.3x the gradient's norm with deterministic=True; docs/kernels.md, filtering).
+    _, plain = _compare(inputs, torch.float32, "default", check_accuracy=False, grad_filter=True,
+                        deterministic=deterministic)
+    _, ordered = _compare(inputs, torch.float32, "filter_sorted", check_accuracy=False,
+                          deterministic=deterministic)
     tiles = 3 * 6 * (2 if deterministic else 1)  # 48/16 token blocks x 333/64 vocab blocks x kernels
     assert plain.evaluated_tiles == tiles and ordered.evaluated_tiles == tiles
     # unordered, every vocabulary block holds some token block's label: (almost) nothing skipped;
