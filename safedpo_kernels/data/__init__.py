@@ -12,8 +12,8 @@ Names are imported lazily: importing this package does not import ``datasets`` o
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from safedpo_kernels._lazy import lazy_exports
+from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "load_pairs": "load",
@@ -48,14 +48,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from safedpo_kernels.data.tokenize import DEFAULT_TEMPLATE, build_prompts, tokenize_pairs
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'safedpo_kernels.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"safedpo_kernels.data.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports("safedpo_kernels.data", _EXPORTS, globals())
 
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))

@@ -9,8 +9,7 @@ Importing this package imports neither torch nor transformers; the functions imp
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from safedpo_kernels._lazy import lazy_exports
 
 _EXPORTS = {
     "materialize_smollm2": "smollm2",
@@ -22,10 +21,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'safedpo_kernels.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"safedpo_kernels.models.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports("safedpo_kernels.models", _EXPORTS, globals())
