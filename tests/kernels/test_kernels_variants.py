@@ -61,7 +61,9 @@ def _scattered_confident_inputs(m=48, h=72, v=333):
     """Confident tokens whose labels are 6 columns spread over the vocabulary blocks."""
     hidden, weight, b, _, g = make_inputs(m, h, v)
     favourites = torch.tensor([5, 70, 140, 200, 260, 320])
-    labels = favourites[torch.randint(0, 6, (m,))]
+    # every block of 16 tokens holds every favourite (in a random order): which tiles filtering may
+    # skip is then fixed, not a matter of the draw (a random draw misses one in ~5% of blocks)
+    labels = favourites[torch.cat([torch.randperm(16) % 6 for _ in range((m + 15) // 16)])[:m]]
     w_lab = weight[labels]
     hidden = 40.0 * w_lab / w_lab.norm(dim=1, keepdim=True) + 0.3 * torch.randn(m, h)
     b = b.clone()
@@ -82,9 +84,11 @@ def test_filter_stats_and_vocabulary_ordering(seed, deterministic):
                           deterministic=deterministic)
     tiles = 3 * 6 * (2 if deterministic else 1)  # 48/16 token blocks x 333/64 vocab blocks x kernels
     assert plain.evaluated_tiles == tiles and ordered.evaluated_tiles == tiles
-    # unordered, every vocabulary block holds some token block's label: (almost) nothing skipped;
-    # ordered, the 6 favourites share the first block and the 5 others are skipped everywhere
-    assert plain.skipped_fraction <= 2 / 18 and ordered.skipped_fraction >= 12 / 18, (plain, ordered)
+    # unordered, every vocabulary block holds a label of every token block: nothing skipped;
+    # ordered, the 6 favourites share the first block and the 5 others are skipped almost everywhere
+    # (15/18 of the tiles; a few non-favourite columns can be confident for some token: 12/18 seen
+    # in 80 draws, so the bound is 9/18)
+    assert plain.skipped_fraction == 0 and ordered.skipped_fraction >= 9 / 18, (plain, ordered)
     # without filtering nothing is skipped, and the count is still reported
     _, exact = _compare(inputs, torch.float32, "default", deterministic=deterministic)
     assert exact.skipped_tiles == 0 and exact.evaluated_tiles == tiles
