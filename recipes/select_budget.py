@@ -49,6 +49,7 @@ RULE_MAX_RATIO = 1.5
 RULE_DECODING = {"temperature": 1.0, "top_p": 1.0}
 RULE_SEEDS = [0]
 BUDGETS = (40, 80, 120, 160, 240)
+READING_CELLS = "cells_report_decoding"
 # Shown next to the rule's numbers, never read by it.
 INFO_COLUMNS = (("gen/harmless_ratio_harmful", "harmless %", 100), ("gen/over_refusal_benign", "over-refusal benign %", 100),
                 ("gen/over_refusal_sensitive", "over-refusal sensitive %", 100), ("gen/helpfulness", "helpfulness", 1),
@@ -60,15 +61,18 @@ def cell_name(lr: float, steps: int) -> str:
 
 
 def cell_config(config_path: Path, lr: float, steps: int, out_root: Path, results_root: Path,
-                seeds: list[int]) -> dict:
-    """The validated compare config of one cell: validation split, the rule's decoding and methods, one Delta."""
+                seeds: list[int], *, reading: bool = False) -> dict:
+    """The validated compare config of one cell: validation split, the rule's methods, one Delta, and the
+    rule's decoding (``reading=False``) or the config's own reporting decoding (``reading=True``: the
+    cells under ``cells_report_decoding/``, read by nobody's rule, shown for the over-refusal analysis)."""
     raw = yaml.safe_load(Path(config_path).read_text())
+    sub = READING_CELLS if reading else "cells"
     raw = cm.deep_merge(raw, {
         "seeds": seeds, "sft_per_seed": False, "sft_seed": 0, "keep_models": False,
-        "output_dir": str(out_root / cell_name(lr, steps)), "results_dir": str(results_root / "cells" / cell_name(lr, steps)),
+        "output_dir": str(out_root / sub / cell_name(lr, steps)), "results_dir": str(results_root / sub / cell_name(lr, steps)),
         "recipe": {"eval_split": "validation"},
         "align": {"lr": lr, "max_steps": steps},
-        "evaluation": dict(RULE_DECODING),
+        "evaluation": {} if reading else dict(RULE_DECODING),
     })
     missing = [m for m in RULE_METHODS if m not in raw["methods"]]
     if missing:
@@ -120,19 +124,23 @@ def nll_ratios(results: dict) -> dict[str, float]:
     return out
 
 
-def select(cells: dict[tuple[float, int], dict], lr: float) -> dict:
+def select(cells: dict[tuple[float, int], dict], lr: float, reading: dict[tuple[float, int], dict] | None = None) -> dict:
     """Applies the rule at ``lr``: the largest budget whose every method passes (NaN = a failed run: fails).
 
-    ``cells``: (lr, steps) -> results dict. Returns {"lr", "steps" (None if no budget passes), "rows"}.
+    ``cells``: (lr, steps) -> results dict (the rule's runs). ``reading``: the same cells run at the
+    reporting decoding, whose judged metrics fill each row's "info" (else the rule cells' own do); the
+    rule never reads "info". Returns {"lr", "steps" (None if no budget passes), "rows"}.
     """
     rows = []
     for (cell_lr, steps), results in sorted(cells.items()):
         ratios = nll_ratios(results)
+        shown = (reading or {}).get((cell_lr, steps), results)
         worst = max(ratios.values(), key=lambda v: math.inf if math.isnan(v) else v)
         rows.append({"lr": cell_lr, "steps": steps, "ratios": ratios, "max_ratio": worst,
                      "passes": (not math.isnan(worst)) and worst <= RULE_MAX_RATIO and not results.get("failures"),
                      "sft_nll": [r[cm.SFT]["gen/sft_nll"] for r in results["per_seed"].values()],
-                     "info": {m: {k: _mean(results, m, k) for k, _, _ in INFO_COLUMNS} for m in (cm.SFT, *RULE_METHODS)}})
+                     "info_decoding": {k: shown["config"]["evaluation"][k] for k in ("temperature", "top_p")},
+                     "info": {m: {k: _mean(shown, m, k) for k, _, _ in INFO_COLUMNS} for m in (cm.SFT, *RULE_METHODS)}})
     passing = [r["steps"] for r in rows if r["lr"] == lr and r["passes"]]
     return {"lr": lr, "steps": max(passing) if passing else None, "rows": rows}
 
@@ -156,7 +164,9 @@ def write_selection(out: Path, choice: dict, *, pairs_per_step: int, td_pairs: i
     lines = [
         "# Step budget chosen on the validation split (one rule, every method)", "",
         f"Command: `{command}`  ",
-        f"Machine: {cm._machine()}; wall {runtime['wall'] / 60:.1f} min.", "",
+        f"Machine: {cm._machine()}. Cells: {runtime['cells_wall_sum'] / 60:.1f} min wall in all (run "
+        f"side by side), {runtime['cells_cpu_sum'] / 60:.1f} min CPU in all (single-threaded processes, shared SFT "
+        "model trained once more).", "",
         f"Rule (fixed before the runs): the largest budget at which every method of {', '.join(RULE_METHODS)} keeps "
         f"the SFT model's NLL per token of its validation generations <= {RULE_MAX_RATIO} x the SFT model's own "
         f"(seed {RULE_SEEDS}, temperature {RULE_DECODING['temperature']}, top-p {RULE_DECODING['top_p']}); "
@@ -172,11 +182,15 @@ def write_selection(out: Path, choice: dict, *, pairs_per_step: int, td_pairs: i
                      + " | ".join(f"{r['ratios'][m]:.2f}" for m in RULE_METHODS)
                      + f" | {r['max_ratio']:.2f} | {'yes' if r['passes'] else 'no'} |")
     lines += ["", "## For reading only (the rule does not use these): judged validation metrics per cell", "",
-              "| lr | steps | run | " + " | ".join(t for _, t, _ in INFO_COLUMNS) + " |",
-              "| --- | ---: | --- | " + " | ".join("---:" for _ in INFO_COLUMNS) + " |"]
+              "Same lr and budget, validation split, seed 0; decoding per row (the rule's temperature 1 makes even "
+              f"the SFT model's samples mostly disfluent, so the cells are also run at the reporting decoding, "
+              f"`{READING_CELLS}/`, where present).", "",
+              "| lr | steps | decoding | run | " + " | ".join(t for _, t, _ in INFO_COLUMNS) + " |",
+              "| --- | ---: | --- | --- | " + " | ".join("---:" for _ in INFO_COLUMNS) + " |"]
     for r in choice["rows"]:
+        dec = f"T {r['info_decoding']['temperature']:g}, top-p {r['info_decoding']['top_p']:g}"
         for run, info in r["info"].items():
-            lines.append(f"| {r['lr']:g} | {r['steps']} | {run} | "
+            lines.append(f"| {r['lr']:g} | {r['steps']} | {dec} | {run} | "
                          + " | ".join(f"{info[k] * s:.{1 if s == 100 else 3}f}" for k, _, s in INFO_COLUMNS) + " |")
     lines += ["", "Per cell, every metric: `cells/<cell>/results.md`. Figure: `budget_selection.png`.", ""]
     (out / "selection.md").write_text("\n".join(lines))
@@ -213,7 +227,8 @@ def plot_selection(path: Path, choice: dict) -> None:
     ax.legend(fontsize=7)
     ax2.set_xlabel("alignment steps")
     ax2.set_ylabel("over-refusal % on benign validation prompts")
-    ax2.set_title("not used by the rule")
+    dec = choice["rows"][0]["info_decoding"]
+    ax2.set_title(f"not used by the rule (T {dec['temperature']:g}, top-p {dec['top_p']:g})")
     ax2.set_ylim(-3, 103)
     ax2.legend(fontsize=7)
     fig.tight_layout()
@@ -231,21 +246,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", default="recipes/outputs/budget_selection", help="models and logs")
     parser.add_argument("--results-dir", default="recipes/results/budget_selection")
     parser.add_argument("--report-only", action="store_true", help="no training: re-apply the rule to existing cells")
+    parser.add_argument("--reading-cells", action="store_true",
+                        help=f"also run every cell at the config's reporting decoding ({READING_CELLS}/, not used by the rule)")
     args = parser.parse_args(argv)
     if any(b < 1 for b in args.budgets) or args.jobs < 1:
         parser.error("--budgets and --jobs must be integers >= 1")
     base = cm.load_config(args.config)
+    import torch
+
+    torch.set_num_threads(base["num_threads"] or torch.get_num_threads())  # as every cell (one thread each)
     chosen_lr = float(base["align"]["lr"])
     lrs = sorted(set(args.lrs or [chosen_lr]) | {chosen_lr})
     out_root, results_root = Path(args.output_dir), Path(args.results_dir)
-    cfgs = {(lr, n): cell_config(Path(args.config), lr, n, out_root, results_root, RULE_SEEDS)
-            for lr in lrs for n in sorted(set(args.budgets))}
+    keys = [(lr, n) for lr in lrs for n in sorted(set(args.budgets))]
+    cfgs = {k: cell_config(Path(args.config), *k, out_root, results_root, RULE_SEEDS) for k in keys}
+    reading_cfgs = {k: cell_config(Path(args.config), *k, out_root, results_root, RULE_SEEDS, reading=True) for k in keys}
     command = "python recipes/select_budget.py " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.perf_counter()
     if not args.report_only:
         shared = out_root / "shared_sft"
         train_shared_sft(next(iter(cfgs.values())), shared)
-        todo = [c for c in cfgs.values() if not (Path(c["results_dir"]) / "results.json").is_file()]
+        todo = [c for c in [*cfgs.values(), *(reading_cfgs.values() if args.reading_cells else [])]
+                if not (Path(c["results_dir"]) / "results.json").is_file()]
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
             for path in pool.map(run_cell, todo, [str(shared)] * len(todo)):
                 print(f"done: {path}", flush=True)
@@ -255,12 +277,14 @@ def main(argv: list[str] | None = None) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: cell not run (run without --report-only)")
         cells[key] = json.loads(path.read_text())
-    walls = [r["runtime_s"]["total"] for r in cells.values()]
-    runtime = {"wall": time.perf_counter() - t0 if not args.report_only else sum(walls) / max(args.jobs, 1),
-               "cells_wall_sum": sum(walls), "cells_cpu_sum": sum(r["runtime_s"].get("cpu") or 0 for r in cells.values())}
+    reading = {k: json.loads((Path(c["results_dir"]) / "results.json").read_text()) for k, c in reading_cfgs.items()
+               if (Path(c["results_dir"]) / "results.json").is_file()}
+    walls = [r["runtime_s"]["total"] for r in [*cells.values(), *reading.values()]]
+    runtime = {"wall": time.perf_counter() - t0, "cells_wall_sum": sum(walls),
+               "cells_cpu_sum": sum(r["runtime_s"].get("cpu") or 0 for r in [*cells.values(), *reading.values()])}
     align = base["align"]
     td_pairs = cells[next(iter(cells))]["stages"]["SafeDPO"]["selection"]["rows_out"]
-    choice = select(cells, chosen_lr)
+    choice = select(cells, chosen_lr, reading)
     write_selection(results_root, choice, pairs_per_step=align["micro_batch_size"], td_pairs=td_pairs,
                     command=command.strip(), runtime=runtime)
     print((results_root / "selection.md").read_text())
