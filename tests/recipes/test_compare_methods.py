@@ -122,6 +122,45 @@ def test_sft_marker_reuse_needs_the_same_training_config(tmp_path):
     assert cm.reusable_sft(dict(sft, lr=1.0)) is None and cm.reusable_sft(dict(sft, seed=5)) is None
 
 
+
+# ----------------------------------------------------------------------------- budget selection (recipes/select_budget.py)
+
+
+def test_budget_cells_use_the_validation_split_the_rule_decoding_and_equal_budgets(tmp_path):
+    from recipes import select_budget as sb
+
+    cfg = sb.cell_config(LONG_CONFIG, 3e-4, 120, tmp_path / "out", tmp_path / "res", [0])
+    assert cfg["recipe"]["eval_split"] == "validation" and cfg["align"]["max_steps"] == 120 and cfg["align"]["lr"] == 3e-4
+    assert tuple(cfg["methods"]) == sb.RULE_METHODS and cfg["delta_sweep"]["values"] == [10.0]
+    assert {k: cfg["evaluation"][k] for k in sb.RULE_DECODING} == sb.RULE_DECODING
+    stages = cm.build_stage_configs(cfg, seed=0, stage_root=tmp_path, sft_dir=tmp_path / "sft", sft_seed=0)
+    assert [s.name for s in stages] == ["SFT", *sb.RULE_METHODS]  # no sweep run, no IPO ablation rows
+    assert len({(s.config["max_steps"], s.config["lr"]) for s in stages[1:]}) == 1
+    reading = sb.cell_config(LONG_CONFIG, 3e-4, 120, tmp_path / "out", tmp_path / "res", [0], reading=True)
+    assert reading["evaluation"] == cm.load_config(LONG_CONFIG)["evaluation"]  # the reporting decoding
+    assert reading["results_dir"] != cfg["results_dir"] and reading["output_dir"] != cfg["output_dir"]
+
+
+def test_budget_rule_takes_the_largest_budget_where_every_method_stays_fluent():
+    from recipes import select_budget as sb
+
+    def fake(sft_nll, nll, failures=()):  # one seed; ``nll``: method -> SFT NLL of its generations
+        runs = {cm.SFT: {"gen/sft_nll": sft_nll}, **{m: {"gen/sft_nll": v} for m, v in nll.items()}}
+        return {"per_seed": {"0": runs}, "failures": list(failures), "config": {"evaluation": sb.RULE_DECODING}}
+
+    ok = dict.fromkeys(sb.RULE_METHODS, 1.4)
+    cells = {(1e-4, 40): fake(1.0, ok), (1e-4, 80): fake(2.0, dict(ok, SafeDPO=2.9)),  # ratio 1.45: passes
+             (1e-4, 120): fake(1.0, dict(ok, **{"DPO-Helpful": 1.51})),  # one method over 1.5: fails
+             (1e-4, 160): fake(1.0, ok, failures=[{"stage": "SafeDPO"}]),  # a failed run never passes
+             (3e-4, 240): fake(1.0, ok)}  # passes, but at another lr
+    choice = sb.select(cells, 1e-4)
+    assert choice["steps"] == 80
+    assert [r["passes"] for r in choice["rows"]] == [True, True, False, False, True]
+    assert choice["rows"][1]["ratios"]["SafeDPO"] == pytest.approx(1.45)
+    nan_cell = fake(1.0, dict(ok, SafeDPO=float("nan")))
+    assert sb.select({(1e-4, 40): nan_cell}, 1e-4)["steps"] is None  # NaN is a failure, not a pass
+    assert sb.select({(1e-4, 40): fake(1.0, dict.fromkeys(sb.RULE_METHODS, 1.6))}, 1e-4)["steps"] is None
+
 def _records(policy, prompts):
     from safedpo_kernels.data import judge_long
 
