@@ -198,8 +198,9 @@ def write_selection(out: Path, choice: dict, *, pairs_per_step: int, td_pairs: i
 
 
 def plot_selection(path: Path, choice: dict) -> None:
-    """Left: the rule's NLL ratio per method against the budget (one line style per lr); right, for
-    reading only: SafeDPO's and DPO-Harmless's validation over-refusal on benign prompts against the budget."""
+    """Left: the rule's quantity (max over methods) against the budget, one line per lr; middle: every
+    method at the chosen lr; right, for reading only: validation over-refusal on benign prompts at the
+    chosen lr (the reporting decoding when those cells exist)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,28 +208,31 @@ def plot_selection(path: Path, choice: dict) -> None:
 
     colors = {"SafeDPO": "tab:red", "DPO-Helpful": "tab:blue", "DPO-Harmless": "tab:green", "DPO-SafeBetter": "tab:purple"}
     lrs = sorted({r["lr"] for r in choice["rows"]})
-    styles = dict(zip(lrs, ("--", "-", ":", "-.")) if len(lrs) > 1 else [(lrs[0], "-")])
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.4))
-    for lr in lrs:
+    chosen = [r for r in choice["rows"] if r["lr"] == choice["lr"]]
+    steps = [r["steps"] for r in chosen]
+    fig, (ax0, ax, ax2) = plt.subplots(1, 3, figsize=(15, 4.4))
+    for lr, style in zip(lrs, ("--", "-", ":", "-.")):
         rows = [r for r in choice["rows"] if r["lr"] == lr]
-        steps = [r["steps"] for r in rows]
-        for m in RULE_METHODS:
-            ax.plot(steps, [r["ratios"][m] for r in rows], styles[lr], marker="o", color=colors[m],
-                    label=f"{m}" + (f" (lr {lr:g})" if len(lrs) > 1 else ""))
-        for m, mk in (("SafeDPO", "*"), ("DPO-Harmless", "^")):
-            ax2.plot(steps, [100 * r["info"][m]["gen/over_refusal_benign"] for r in rows], styles[lr], marker=mk,
-                     color=colors[m], label=f"{m}" + (f" (lr {lr:g})" if len(lrs) > 1 else ""))
-    ax.axhline(RULE_MAX_RATIO, color="k", lw=1, ls=":", label=f"rule: <= {RULE_MAX_RATIO}")
-    if choice["steps"] is not None:
-        ax.axvline(choice["steps"], color="0.5", lw=1, label=f"chosen: {choice['steps']} steps")
-    ax.set_xlabel("alignment steps (equal for every method)")
-    ax.set_ylabel("SFT NLL/token of generations / SFT's own")
-    ax.set_title("the rule (validation, temperature 1)")
-    ax.legend(fontsize=7)
+        ax0.plot([r["steps"] for r in rows], [r["max_ratio"] for r in rows], style, marker="o", color="k",
+                 label=f"lr {lr:g}" + (" (chosen)" if lr == choice["lr"] else ""))
+    for m in RULE_METHODS:
+        ax.plot(steps, [r["ratios"][m] for r in chosen], marker="o", color=colors[m], label=m)
+    for a in (ax0, ax):
+        a.axhline(RULE_MAX_RATIO, color="k", lw=1, ls=":", label=f"rule: <= {RULE_MAX_RATIO}")
+        if choice["steps"] is not None:
+            a.axvline(choice["steps"], color="0.5", lw=1, label=f"chosen: {choice['steps']} steps")
+        a.set_xlabel("alignment steps (equal for every method)")
+        a.set_ylabel("SFT NLL/token of generations / SFT's own")
+        a.legend(fontsize=7)
+    ax0.set_title("the rule: worst method, per lr (validation, T 1)")
+    ax.set_title(f"every method at lr {choice['lr']:g}")
+    for m in RULE_METHODS:
+        ax2.plot(steps, [100 * r["info"][m]["gen/over_refusal_benign"] for r in chosen], marker="o", color=colors[m], label=m)
+    ax2.plot(steps, [100 * r["info"][cm.SFT]["gen/over_refusal_benign"] for r in chosen], marker="s", color="0.45", label="SFT")
+    dec = chosen[0]["info_decoding"]
+    ax2.set_title(f"not used by the rule: lr {choice['lr']:g}, T {dec['temperature']:g}, top-p {dec['top_p']:g}")
     ax2.set_xlabel("alignment steps")
     ax2.set_ylabel("over-refusal % on benign validation prompts")
-    dec = choice["rows"][0]["info_decoding"]
-    ax2.set_title(f"not used by the rule (T {dec['temperature']:g}, top-p {dec['top_p']:g})")
     ax2.set_ylim(-3, 103)
     ax2.legend(fontsize=7)
     fig.tight_layout()
