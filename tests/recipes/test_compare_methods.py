@@ -112,6 +112,15 @@ def test_long_config_uses_the_paper_hyperparameters_and_its_fixture_tokenizer(tm
         cm.validate_config(dict(copy.deepcopy(yaml.safe_load(LONG_CONFIG.read_text())), sft_seed=-1))
 
 
+
+def test_ipo_ablation_config_keeps_the_main_setup_but_its_own_beta():
+    ipo, main = cm.load_config(ROOT / "recipes" / "configs" / "tiny_compare_ipo.yaml"), cm.load_config(LONG_CONFIG)
+    assert {m["loss_type"] for m in ipo["methods"].values()} == {"ipo"} and ipo["methods"]["SafeIPO"]["delta"] == 10.0
+    assert ipo["align"]["beta"] != main["align"]["beta"] and ipo["results_dir"] != main["results_dir"]
+    for key in ("recipe", "sft", "evaluation", "seeds"):  # same SFT model, data, decoding and seeds
+        assert ipo[key] == main[key], key
+    assert {k: v for k, v in ipo["align"].items() if k != "beta"} == {k: v for k, v in main["align"].items() if k != "beta"}
+
 def test_sft_marker_reuse_needs_the_same_training_config(tmp_path):
     cfg = cm.load_config(LONG_CONFIG)
     sft = cm.build_stage_configs(cfg, seed=0, stage_root=tmp_path, sft_dir=tmp_path / "sft", sft_seed=0)[0].config
