@@ -43,17 +43,18 @@ from safedpo_kernels._checks import (
     env_positive_float,
 )
 
-#: Bytes of tile buffers (logits and their exponentials / gradient, low-precision copies; for
-#: low-precision weight gradients over several token chunks also a float32 (vocab block, H)
-#: accumulator) alive at once. Override with the environment variable SAFEDPO_CHUNK_BUDGET_MB.
+#: Bound on the bytes of a sweep's tile buffers (TileBuffers: the float32 tile, its low-precision
+#: copy, tanh for capped heads; for low-precision weight gradients over several token chunks also a
+#: float32 (vocab block, H) accumulator). Override with the environment variable SAFEDPO_CHUNK_BUDGET_MB.
 DEFAULT_CHUNK_BUDGET_BYTES = 48 * 2**20
 #: Smallest token chunk (unless there are fewer tokens) and the vocabulary block the token chunk is
 #: sized for: tiles are as tall as the budget allows with blocks of at least MIN_VOCAB_BLOCK rows,
 #: so every matmul is large at any V (docs/torch_path.md has the measurements behind the choice).
 MIN_TOKEN_CHUNK = 256
 MIN_VOCAB_BLOCK = 1024
-#: Bytes per tile cell: three float32 (float64 for float64 inputs) buffers, or for bf16/fp16 one
-#: float32 buffer, its low-precision copy, the low-precision GEMM output and (capped heads) tanh.
+#: Bytes per tile cell counted against the budget: an upper bound on what a sweep holds per cell,
+#: 4 (float32), 6 (bf16/fp16: + the low-precision copy, which also takes the GEMM output) or 8 / 10
+#: with a cap (+ tanh); float64 8 or 16. docs/torch_path.md has the measured footprint.
 _BYTES_PER_CELL = {torch.float64: 24}
 _DEFAULT_BYTES_PER_CELL = 12
 
