@@ -134,11 +134,9 @@ class TileBuffers:
     allocated at its first request (the first tile is the largest: token chunks and vocabulary
     blocks only shrink at the end of their spans) and reused for every later tile. Reusing them
     keeps the resident memory at one tile set: fresh (T, Vb) temporaries for every tile leave freed
-    tile-sized holes that glibc's default allocator keeps resident (measured: the peak grew by
-    two tile sets over two calls). ``allocations`` counts the buffers allocated by all instances.
+    tile-sized holes that glibc's default allocator keeps resident (docs/torch_path.md has the
+    measurements).
     """
-
-    allocations = 0
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -150,7 +148,6 @@ class TileBuffers:
         if flat is None or flat.dtype != dtype or flat.numel() < numel:
             flat = torch.empty(numel, dtype=dtype, device=self.device)
             self._flat[name] = flat
-            TileBuffers.allocations += 1
         return flat[:numel].view(shape)
 
 
