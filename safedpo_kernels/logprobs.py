@@ -27,7 +27,10 @@ and the result is scattered back with exact zeros at ignored positions.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -40,17 +43,18 @@ from safedpo_kernels._checks import (
     env_positive_float,
 )
 
-#: Bytes of tile buffers (logits and their exponentials / gradient, low-precision copies; for
-#: low-precision weight gradients over several token chunks also a float32 (vocab block, H)
-#: accumulator) alive at once. Override with the environment variable SAFEDPO_CHUNK_BUDGET_MB.
+#: Bound on the bytes of a sweep's tile buffers (TileBuffers: the float32 tile, its low-precision
+#: copy, tanh for capped heads; for low-precision weight gradients over several token chunks also a
+#: float32 (vocab block, H) accumulator). Override with the environment variable SAFEDPO_CHUNK_BUDGET_MB.
 DEFAULT_CHUNK_BUDGET_BYTES = 48 * 2**20
 #: Smallest token chunk (unless there are fewer tokens) and the vocabulary block the token chunk is
 #: sized for: tiles are as tall as the budget allows with blocks of at least MIN_VOCAB_BLOCK rows,
 #: so every matmul is large at any V (docs/torch_path.md has the measurements behind the choice).
 MIN_TOKEN_CHUNK = 256
 MIN_VOCAB_BLOCK = 1024
-#: Bytes per tile cell: three float32 (float64 for float64 inputs) buffers, or for bf16/fp16 one
-#: float32 buffer, its low-precision copy, the low-precision GEMM output and (capped heads) tanh.
+#: Bytes per tile cell counted against the budget: an upper bound on what a sweep holds per cell,
+#: 4 (float32), 6 (bf16/fp16: + the low-precision copy, which also takes the GEMM output) or 8 / 10
+#: with a cap (+ tanh); float64 8 or 16. docs/torch_path.md has the measured footprint.
 _BYTES_PER_CELL = {torch.float64: 24}
 _DEFAULT_BYTES_PER_CELL = 12
 
@@ -115,17 +119,6 @@ def _mm_out_dtype_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return _OUT_DTYPE_MM[key]
 
 
-def mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """``a @ b`` in the operands' dtype with an ``acc`` result.
-
-    float32/float64 operands: a plain matmul. bfloat16/float16: a GEMM with a float32 output where
-    the backend has one (``out_dtype``, CUDA), else the low-precision GEMM (float32 accumulation
-    inside, one rounding of its output, as eager PyTorch) upcast to float32.
-    """
-    out = mm_native(a, b, acc)
-    return out if out.dtype == acc else out.to(acc)
-
-
 def mm_native(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """``a @ b`` with an ``acc`` result where the backend has one, else in the operands' dtype
     (the caller folds the upcast into its next elementwise pass)."""
@@ -134,37 +127,107 @@ def mm_native(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tenso
     return a @ b
 
 
+class TileBuffers:
+    """Named flat buffers reused by every tile of a sweep: one set of tile buffers per sweep.
+
+    ``buffers(name, shape, dtype)`` returns a contiguous ``shape`` view of the buffer ``name``,
+    allocated at its first request (the first tile is the largest: token chunks and vocabulary
+    blocks only shrink at the end of their spans) and reused for every later tile. Reusing them
+    keeps the resident memory at one tile set: fresh (T, Vb) temporaries for every tile leave freed
+    tile-sized holes that glibc's default allocator keeps resident (docs/torch_path.md has the
+    measurements).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._flat: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = math.prod(shape)
+        flat = self._flat.get(name)
+        if flat is None or flat.dtype != dtype or flat.numel() < numel:
+            flat = torch.empty(numel, dtype=dtype, device=self.device)
+            self._flat[name] = flat
+        return flat[:numel].view(shape)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (Linux), or None where the C library has none (musl, macOS, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+def release_freed_host_memory(device: torch.device) -> None:
+    """After a sweep on the CPU, hand the freed heap pages back to the OS (glibc ``malloc_trim(0)``).
+
+    glibc serves allocations below its dynamic mmap threshold (up to 32 MiB: tile buffers, (T, H)
+    blocks) from the heap and keeps freed heap memory resident unless it sits at the heap's top;
+    without this, a sweep's freed buffers stay resident into the next sweep and add to its peak.
+    Costs a walk over the free chunks (well under a millisecond here). No-op off the CPU and
+    without glibc.
+    """
+    if device.type == "cpu" and (trim := _malloc_trim()) is not None:
+        trim(0)
+
+
+def _gemm_low(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype, buffers: TileBuffers, name: str) -> torch.Tensor:
+    """``a @ b`` for low-precision operands: an ``acc`` result where the backend has one
+    (``out_dtype``), else the low-precision GEMM written into the reused buffer ``name``."""
+    if _mm_out_dtype_supported(a.device, a.dtype):
+        return torch.mm(a, b, out_dtype=acc)
+    return torch.mm(a, b, out=buffers(name, (a.shape[0], b.shape[1]), a.dtype))
+
+
 def _tile_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, head: HeadOptions,
-                 acc: torch.dtype, row_offset: torch.Tensor | None = None):
+                 acc: torch.dtype, buffers: TileBuffers, row_offset: torch.Tensor | None = None):
     """``l + row_offset[:, None]`` (T, Vb) in ``acc``, and for a capped head t = tanh(scale z / cap).
 
     h (T, H), w (Vb, H) in the inputs' dtype, b (Vb,) or None, row_offset (T,) ``acc`` or None.
+    The result is the buffer ``tile`` (t: ``tanh``; a low-precision GEMM output: ``tile_lo``).
     Without a cap, the scale and the row offset are folded into the GEMM (``addmm``) or into the
     upcast of a low-precision GEMM output, so the tile is written once or twice, not four times.
     """
     scale, cap = head.logit_scale, head.softcap
-    if cap is None and row_offset is not None and h.dtype == acc:
-        out = torch.addmm(row_offset[:, None], h, w.T, alpha=scale)
-    else:
-        z = mm_native(h, w.T, acc)
-        if cap is None:
-            if row_offset is not None:
-                out = torch.add(row_offset[:, None], z, alpha=scale)  # upcast + scale + offset, one pass
-            else:
-                out = z if z.dtype == acc else z.to(acc)
-                if scale != 1.0:
-                    out.mul_(scale)
-        else:
-            z = z if z.dtype == acc else z.to(acc)
+    shape = (h.shape[0], w.shape[0])
+    out = buffers("tile", shape, acc)
+    if h.dtype == acc:
+        if cap is None and row_offset is not None:
+            torch.addmm(row_offset[:, None], h, w.T, alpha=scale, out=out)
             if b is not None:
-                z += b.to(acc)
-            t = z.mul_(scale / cap).tanh_()
-            if row_offset is None:
-                return t * cap, t
-            return torch.add(row_offset[:, None], t, alpha=cap), t
+                out.add_(b.to(acc), alpha=scale)
+            return out, None
+        z = torch.mm(h, w.T, out=out)
+    else:
+        z = _gemm_low(h, w.T, acc, buffers, "tile_lo")
+    if cap is None:
+        if row_offset is not None:
+            torch.add(row_offset[:, None], z, alpha=scale, out=out)  # upcast + scale + offset, one pass
+        else:
+            if z is not out:
+                out.copy_(z)
+            if scale != 1.0:
+                out.mul_(scale)
+        if b is not None:
+            out.add_(b.to(acc), alpha=scale)
+        return out, None
+    if z is not out:
+        out.copy_(z)
     if b is not None:
-        out.add_(b.to(acc), alpha=scale)
-    return out, None
+        out.add_(b.to(acc))
+    t = torch.mul(out, scale / cap, out=buffers("tanh", shape, acc)).tanh_()
+    if row_offset is None:
+        torch.mul(t, cap, out=out)
+    else:
+        torch.add(row_offset[:, None], t, alpha=cap, out=out)
+    return out, t
 
 
 def _cap_derivative_(t: torch.Tensor, head: HeadOptions) -> torch.Tensor:
@@ -181,7 +244,9 @@ def _target_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     log-sum-exp carry the same rounding and it cancels in log p_y when the label dominates
     (an exact z_y against rounded tiles gave 4x eager's error on peaked distributions).
     """
-    z = (h.to(acc) * weight[labels].to(acc)).sum(-1)
+    z = torch.empty(h.shape[0], dtype=acc, device=h.device)
+    for r0, r1 in _spans(h.shape[0], _row_step(h.shape[1])):  # (rows, H) temporaries of ~1 MiB
+        z[r0:r1] = (h[r0:r1].to(acc) * weight[labels[r0:r1]].to(acc)).sum(-1)
     if h.dtype != acc and not _mm_out_dtype_supported(h.device, h.dtype):
         z = z.to(h.dtype).to(acc)
     if bias is not None:
@@ -205,6 +270,19 @@ def _spans(total: int, step: int):
         yield start, min(total, start + step)
 
 
+def _row_step(hidden: int) -> int:
+    """Rows per slice for elementwise work on (rows, hidden) temporaries of about 2**18 elements."""
+    return max(1, 2**18 // max(1, hidden))
+
+
+def _logsumexp_(x: torch.Tensor) -> torch.Tensor:
+    """``torch.logsumexp(x, -1)`` (T,) computed in place on x (T, Vb), which it overwrites:
+    no tile-sized temporary. An infinite row maximum is shifted by 0, as torch does."""
+    top = x.amax(-1)
+    top.masked_fill_(top.abs() == math.inf, 0.0)
+    return x.sub_(top[:, None]).exp_().sum(-1).log_().add_(top)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward sweeps
 # ---------------------------------------------------------------------------------------------
@@ -224,12 +302,13 @@ def chunked_forward(
     chunk, block = tile_sizes(m, weight.shape[0], weight.shape[1], hidden.dtype)
     logp = torch.empty(m, dtype=acc, device=hidden.device)
     lse = torch.empty(m, dtype=acc, device=hidden.device)
+    buffers = TileBuffers(hidden.device)
     for s0, s1 in _spans(m, chunk):
         h = hidden[s0:s1]
         run = None
         for v0, v1 in _spans(weight.shape[0], block):
-            logits, _ = _tile_logits(h, weight[v0:v1], None if bias is None else bias[v0:v1], head, acc)
-            part = torch.logsumexp(logits, dim=-1)
+            logits, _ = _tile_logits(h, weight[v0:v1], None if bias is None else bias[v0:v1], head, acc, buffers)
+            part = _logsumexp_(logits)
             run = part if run is None else torch.logaddexp(run, part)
         lse[s0:s1] = run
         logp[s0:s1] = _nan_where_nonfinite_(_target_logits(h, weight, bias, labels[s0:s1], head, acc)[0] - run, h)
@@ -256,14 +335,16 @@ def frozen_head_forward(
     chunk, block = tile_sizes(m_tok, weight.shape[0], hid, hidden.dtype)
     logp = torch.empty(m_tok, dtype=acc, device=hidden.device)
     direction = torch.empty(m_tok, hid, dtype=acc, device=hidden.device)
+    buffers = TileBuffers(hidden.device)
     for s0, s1 in _spans(m_tok, chunk):
         h = hidden[s0:s1]
         y = labels[s0:s1]
-        run_max = run_sum = mean = None
+        mean = buffers("mean", (s1 - s0, hid), acc)
+        run_max = run_sum = None
         label_weight = torch.zeros(s1 - s0, dtype=acc, device=hidden.device)  # e_y c'_y, rescaled as a
         for v0, v1 in _spans(weight.shape[0], block):
             w = weight[v0:v1]
-            logits, t = _tile_logits(h, w, None if bias is None else bias[v0:v1], head, acc)
+            logits, t = _tile_logits(h, w, None if bias is None else bias[v0:v1], head, acc, buffers)
             new_max = logits.amax(-1) if run_max is None else torch.maximum(run_max, logits.amax(-1))
             e = logits.sub_(new_max[:, None]).exp_()  # exp(l - m_new), in place
             block_sum = e.sum(-1)
@@ -276,9 +357,13 @@ def frozen_head_forward(
             cols = y[rows] - v0
             label_weight[rows] = e[rows, cols]
             e[rows, cols] = 0  # the label column goes through label_weight, exactly
-            e_w = e if e.dtype == w.dtype else e.to(w.dtype)
+            e_w = e if e.dtype == w.dtype else buffers("tile_lo", e.shape, w.dtype).copy_(e)
             if run_max is None:
-                run_sum, mean = block_sum, mm_acc(e_w, w, acc)
+                run_sum = block_sum
+                if e_w.dtype == acc:
+                    torch.mm(e_w, w, out=mean)
+                else:
+                    mean.copy_(_gemm_low(e_w, w, acc, buffers, "rows_lo"))
             else:
                 run_sum = run_sum.mul_(alpha).add_(block_sum)
                 if not bool((alpha == 1).all()):  # the max moved for some token: rescale its sum
@@ -286,7 +371,7 @@ def frozen_head_forward(
                 if e_w.dtype == acc:
                     mean.addmm_(e_w, w)
                 else:
-                    mean += mm_native(e_w, w, acc)
+                    mean += _gemm_low(e_w, w, acc, buffers, "rows_lo")
             run_max = new_max
         mean.div_(run_sum[:, None])
         label_weight.div_(run_sum)
@@ -295,7 +380,12 @@ def frozen_head_forward(
             label_weight.mul_(head.logit_scale)
         l_y, d_y = _target_logits(h, weight, bias, y, head, acc)
         logp[s0:s1] = _nan_where_nonfinite_(l_y - (run_max + torch.log(run_sum)), h)
-        torch.sub(weight[y].to(acc).mul_((d_y - label_weight)[:, None]), mean, out=direction[s0:s1])
+        d = direction[s0:s1]
+        if weight.dtype == acc:
+            torch.index_select(weight, 0, y, out=d)
+        else:
+            d.copy_(torch.index_select(weight, 0, y, out=buffers("rows_lo", (s1 - s0, hid), weight.dtype)))
+        d.mul_((d_y - label_weight)[:, None]).sub_(mean)
     return logp, direction
 
 
@@ -321,7 +411,8 @@ def chunked_backward(
     recomputed from the saved lse. The row factor is taken out: with s = sign(g),
     ``M = exp(l - lse + log|g| + log scale) [- scale |g| at the label] (* (1 - t^2) with a cap)``
     (one GEMM with the offset folded in, one exp) gives G = -s M, so grad_hidden = -s (M @ W),
-    grad_weight = M.T @ (-s H), grad_bias = M.T @ (-s).
+    grad_bias = M.T @ (-s), grad_weight = (-s M).T @ H (the sign applied to the tile in place).
+    Every tile reuses one set of buffers (:class:`TileBuffers`).
 
     Vocabulary blocks outside, token chunks inside: a block's weight gradient is complete when its
     token loop ends, written once in the weight's dtype (one GEMM, as eager, when all tokens fit one
@@ -341,7 +432,8 @@ def chunked_backward(
     if head.logit_scale != 1.0:
         offset += math.log(head.logit_scale)
     onehot = abs_g * head.logit_scale
-    signed_hidden = hidden * row.to(hidden.dtype)[:, None] if need_w else None
+    row_lo = row.to(hidden.dtype)[:, None]
+    buffers = TileBuffers(hidden.device)
     u = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
     grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
     grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
@@ -352,7 +444,8 @@ def chunked_backward(
         gw_acc = None
         for s0, s1 in _spans(m, chunk):
             y = labels[s0:s1]
-            tile, t = _tile_logits(hidden[s0:s1], w, b, head, acc, row_offset=offset[s0:s1])
+            h = hidden[s0:s1]
+            tile, t = _tile_logits(h, w, b, head, acc, buffers, row_offset=offset[s0:s1])
             tile.exp_()
             rows = ((y >= v0) & (y < v1)).nonzero().squeeze(-1)
             cols = y[rows] - v0
@@ -368,10 +461,10 @@ def chunked_backward(
                 # is not a near-cancellation of p_y W[y] against the one-hot part.
                 tile[rows, cols] -= hit
                 label_term = tile[rows, cols]
-                tile_lo = tile.to(hidden.dtype)
+                tile_lo = buffers("tile_lo", tile.shape, hidden.dtype).copy_(tile)
                 if need_h:
                     tile_lo[rows, cols] = 0
-                    u[s0:s1] += mm_native(tile_lo, w, acc)
+                    u[s0:s1] += _gemm_low(tile_lo, w, acc, buffers, "rows_lo")
                     u.index_add_(0, rows + s0, w[cols].to(acc).mul_(label_term[:, None]))
                     tile_lo[rows, cols] = label_term.to(hidden.dtype)
             else:
@@ -382,17 +475,20 @@ def chunked_backward(
             if need_b:
                 grad_b[v0:v1].addmv_(tile.T, row[s0:s1])
             if need_w:
-                hs = signed_hidden[s0:s1]
+                tile_lo.mul_(row_lo[s0:s1])  # G = -s M: the (exact) sign moves onto the tile
                 if s1 - s0 == m:  # one chunk holds every token: one GEMM writes the block
-                    _mm_into(gw, tile_lo.T, hs, acc)
+                    _mm_into(gw, tile_lo.T, h, acc)
                 elif not low:
                     if s0 == 0:
-                        torch.mm(tile_lo.T, hs, out=gw)
+                        torch.mm(tile_lo.T, h, out=gw)
                     else:
-                        gw.addmm_(tile_lo.T, hs)
+                        gw.addmm_(tile_lo.T, h)
                 else:
-                    part = mm_native(tile_lo.T, hs, acc)
-                    gw_acc = part.to(acc) if gw_acc is None else gw_acc.add_(part)
+                    part = _gemm_low(tile_lo.T, h, acc, buffers, "gw_lo")
+                    if gw_acc is None:
+                        gw_acc = buffers("gw_acc", part.shape, acc).copy_(part)
+                    else:
+                        gw_acc.add_(part)
         if gw_acc is not None:
             gw.copy_(gw_acc)
     grad_h = None
@@ -464,6 +560,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, head):  # noqa: D102 - shapes in linear_logprobs
         with _no_autocast(hidden.device):
             logp, lse = chunked_forward(hidden, weight, bias, labels, head)
+        release_freed_host_memory(hidden.device)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, logp)
         ctx.has_bias = bias is not None
         ctx.head = head
@@ -476,6 +573,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         with _no_autocast(hidden.device), torch.no_grad():
             grads = chunked_backward(_nan_upstream(grad_logp, logp), hidden, weight,
                                      bias if ctx.has_bias else None, labels, lse, needs, ctx.head)
+        release_freed_host_memory(hidden.device)
         return (*_guard_double_backward(grads, (grad_logp, hidden, weight, bias)), None, None)
 
 
@@ -486,6 +584,7 @@ class FrozenHeadLinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, head, anchor):  # noqa: D102
         with _no_autocast(hidden.device):
             logp, direction = frozen_head_forward(hidden, weight, bias, labels, head)
+        release_freed_host_memory(hidden.device)
         ctx.save_for_backward(direction, logp, anchor)
         ctx.hidden_dtype = hidden.dtype
         return logp
@@ -494,8 +593,13 @@ class FrozenHeadLinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp):  # noqa: D102
         direction, logp, anchor = ctx.saved_tensors
         with torch.no_grad():
-            g = _nan_upstream(grad_logp, logp).to(direction.dtype)
-            grad_h = (direction * g[:, None]).to(ctx.hidden_dtype)
+            g = _nan_upstream(grad_logp, logp).to(direction.dtype)[:, None]
+            if direction.dtype == ctx.hidden_dtype:
+                grad_h = direction * g
+            else:  # rounded once from float32, written by row slices: no (M, H) float32 temporary
+                grad_h = torch.empty(direction.shape, dtype=ctx.hidden_dtype, device=direction.device)
+                for r0, r1 in _spans(direction.shape[0], _row_step(direction.shape[1])):
+                    grad_h[r0:r1] = direction[r0:r1] * g[r0:r1]
         return (*_guard_double_backward((grad_h,), (grad_logp, anchor)), None, None, None, None, None)
 
 
@@ -562,7 +666,9 @@ def torch_linear_logprobs(
         anchor = hidden[:0].sum()
         return FrozenHeadLinearLogprobs.apply(hidden, weight, bias, labels, head, anchor)
     with _no_autocast(hidden.device), torch.no_grad():
-        return chunked_forward(hidden, weight, bias, labels, head)[0]
+        logp = chunked_forward(hidden, weight, bias, labels, head)[0]
+    release_freed_host_memory(hidden.device)
+    return logp
 
 
 def linear_logprobs(

@@ -259,3 +259,57 @@ def test_bf16_peaked_grad_hidden_no_worse_than_eager(seed, frozen_head):
 
     # measured 0.02-0.06x eager (trainable and frozen head) here; 0.94-1.3x before the fix
     assert rel(ours) <= 0.6 * rel(base), (rel(ours), rel(base))
+
+
+class _LargeAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts op outputs on a fresh storage of at least ``min_bytes`` (out= and in-place ops write
+    into a storage the op received, views share one: neither counts)."""
+
+    def __init__(self, min_bytes: int):
+        super().__init__()
+        self.min_bytes = min_bytes
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        seen = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if storage.nbytes() >= self.min_bytes and storage.data_ptr() not in seen:
+                    self.sizes.append(storage.nbytes())
+        return out
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sweeps_allocate_one_tile_set_whatever_the_number_of_tiles(seed, monkeypatch, dtype, softcap):
+    """60 tiles (5 token chunks x 12 vocabulary blocks) per sweep, yet each sweep allocates its tile
+    buffers once (TileBuffers): a tile-sized temporary per tile (e.g. torch.logsumexp's exp, a fresh
+    addmm output, an upcast copy) counts 60 times here, and on the CPU leaves freed holes that glibc
+    keeps resident. The frozen-head forward allocates no (V, H) float32 tensor either (the counter
+    sees every output of at least half a float32 tile; a (N, H) float32 block is just below that)."""
+    monkeypatch.setattr(lp, "MIN_TOKEN_CHUNK", 64)
+    monkeypatch.setenv("SAFEDPO_CHUNK_BUDGET_MB", str(64 * 250 * 12 / 2**20))
+    n, h, v = 300, 24, 3000
+    assert lp.tile_sizes(n, v, h, dtype) == (64, 250)
+    hidden = torch.randn(n, h).to(dtype)
+    weight = (torch.randn(v, h) / h**0.5).to(dtype)
+    labels = torch.randint(0, v, (n,))
+    head = lp.HeadOptions(softcap=softcap)
+    tile_set = 1 + (dtype != torch.float32) + (softcap is not None)  # float32 tile, its bf16 copy, tanh
+    half_tile = 64 * 250 * 4 // 2
+    assert n * h * 4 < half_tile < v * h * 2
+    for name, sweep, outputs in (
+        ("forward", lambda: lp.chunked_forward(hidden, weight, None, labels, head), 0),
+        ("frozen-head forward", lambda: lp.frozen_head_forward(hidden, weight, None, labels, head), 0),
+        ("backward", lambda: lp.chunked_backward(torch.randn(n), hidden, weight, None, labels,
+                                                 lse, (True, True, False), head), 1),  # + grad_weight
+    ):
+        with torch.no_grad(), _LargeAllocations(half_tile) as counter:
+            result = sweep()
+        if name == "forward":
+            lse = result[1]
+        assert len(counter.sizes) <= tile_set + outputs, (name, counter.sizes)
