@@ -205,17 +205,21 @@ def test_bad_input_names_the_argument(mutate, exc, match):
         linear_logprobs(hidden, weight, labels, **args)
 
 
+def _peaked_bf16_inputs(n: int = 67, h: int = 96, v: int = 1001):
+    """bf16 hidden (n, h), weight (v, h) and labels (n,) where each label holds ~all the probability."""
+    hidden = torch.randn(n, h)
+    weight = torch.randn(v, h) / h**0.5
+    labels = torch.randint(0, v, (n,))
+    hidden = 0.3 * hidden + 14 * weight[labels] / weight[labels].norm(dim=1, keepdim=True)
+    return hidden.bfloat16(), weight.bfloat16(), labels
+
+
 @pytest.mark.parametrize("frozen_head", [False, True])
 def test_bf16_peaked_distribution_no_worse_than_eager(seed, frozen_head):
     """Label holding ~all of the probability (a trained model's typical token): the target logit must
     carry the same bf16 rounding as the vocabulary tiles, or log p_y = l_y - lse loses the cancellation
     (an exact l_y against rounded tiles gave 7x eager bf16's error here)."""
-    n, h, v = 67, 96, 1001
-    hidden = torch.randn(n, h)
-    weight = torch.randn(v, h) / h**0.5
-    labels = torch.randint(0, v, (n,))
-    hidden = 0.3 * hidden + 14 * weight[labels] / weight[labels].norm(dim=1, keepdim=True)
-    hb, wb = hidden.bfloat16(), weight.bfloat16()
+    hb, wb, labels = _peaked_bf16_inputs()
     exact = torch.log_softmax(hb.double() @ wb.double().T, -1).gather(1, labels[:, None])[:, 0]
     assert exact.exp().mean() > 0.9
     eager = torch.log_softmax(hb @ wb.T, -1).gather(1, labels[:, None])[:, 0].double()
@@ -232,13 +236,8 @@ def test_bf16_peaked_distribution_no_worse_than_eager(seed, frozen_head):
 def test_bf16_peaked_grad_hidden_no_worse_than_eager(seed, frozen_head):
     """grad_hidden = g (W[y] - sum_v p_v W_v) nearly cancels when p_y -> 1: the bf16 GEMM must not
     carry p_y W[y] against a one-hot term added afterwards (that gave 1.6x eager bf16's error)."""
-    n, h, v = 67, 96, 1001
-    hidden = torch.randn(n, h)
-    weight = torch.randn(v, h) / h**0.5
-    labels = torch.randint(0, v, (n,))
-    hidden = 0.3 * hidden + 14 * weight[labels] / weight[labels].norm(dim=1, keepdim=True)
-    hb, wb = hidden.bfloat16(), weight.bfloat16()
-    g = torch.randn(n)
+    hb, wb, labels = _peaked_bf16_inputs()
+    g = torch.randn(hb.shape[0])
 
     def grad(fn, dtype):
         x = hb.to(dtype).requires_grad_(True)
